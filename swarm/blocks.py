@@ -1,0 +1,145 @@
+"""A contiguous span of transformer blocks, run with or without a per-session KV cache."""
+
+import torch
+from torch import nn
+from transformers import PretrainedConfig
+from transformers.cache_utils import Cache, DynamicLayer
+
+from swarm.checkpoint import Checkpoint
+from swarm.families import Family, family_for
+
+
+class ReservedKVLayer(DynamicLayer):
+    """One block's KV cache in a buffer reserved for `max_length` tokens up front.
+
+    It behaves like `transformers`' DynamicLayer (the attention sees exactly the tokens so far, as in local
+    generation) but never reallocates, so a session's memory is fixed when it opens.
+    """
+
+    def __init__(self, max_length: int):
+        super().__init__()
+        self.max_length = max_length
+        self.length = 0
+        self._key_buffer: torch.Tensor | None = None
+        self._value_buffer: torch.Tensor | None = None
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        batch, heads, _, key_dim = key_states.shape
+        self.dtype, self.device = key_states.dtype, key_states.device
+        self._key_buffer = key_states.new_empty(batch, heads, self.max_length, key_dim)
+        self._value_buffer = value_states.new_empty(batch, heads, self.max_length, value_states.shape[-1])
+        self.is_initialized = True
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        end = self.length + key_states.shape[-2]
+        if end > self.max_length:
+            raise ValueError(f"the session reserved {self.max_length} tokens; this step would need {end}")
+        self._key_buffer[:, :, self.length : end] = key_states
+        self._value_buffer[:, :, self.length : end] = value_states
+        self.length = end
+        self.keys, self.values = self._key_buffer[:, :, :end], self._value_buffer[:, :, :end]
+        return self.keys, self.values
+
+    def get_seq_length(self) -> int:
+        return self.length
+
+    def truncate(self, length: int) -> None:
+        """Forget every token from position `length` on (rollback)."""
+        self.length = min(self.length, length)
+        if self.is_initialized:
+            self.keys, self.values = self._key_buffer[:, :, : self.length], self._value_buffer[:, :, : self.length]
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        if self.is_initialized and self.length > 0:
+            for buffer in (self._key_buffer, self._value_buffer):
+                buffer[:, :, : self.length] = buffer[:, :, : self.length].index_select(0, beam_idx.to(buffer.device))
+
+
+class SpanCache(Cache):
+    """The KV cache of one session: a ReservedKVLayer per block it runs through.
+
+    Layers of a BlockSpan index the cache from the span's start; a session may use a sub-range of the span that
+    begins `offset` blocks in, so updates are shifted by that much.
+    """
+
+    def __init__(self, num_blocks: int, max_length: int, offset: int = 0):
+        super().__init__(layers=[ReservedKVLayer(max_length) for _ in range(num_blocks)])
+        self.offset = offset
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
+        return self.layers[layer_idx - self.offset].update(key_states, value_states, *args, **kwargs)
+
+    def truncate(self, length: int) -> None:
+        for layer in self.layers:
+            layer.truncate(length)
+
+
+class BlockSpan(nn.Module):
+    """Blocks [start, end) of a model plus what the base model computes for them (masks, rotary embeddings)."""
+
+    def __init__(self, config: PretrainedConfig, start: int, layers: list[nn.Module], family: Family | None = None):
+        super().__init__()
+        self.config, self.family = config, family or family_for(config)
+        self.start, self.end = start, start + len(layers)
+        self.layers = nn.ModuleList(layers)
+        for local_index, layer in enumerate(self.layers):
+            _rebase_layer_index(layer, local_index)
+        self.position_encoder = self.family.make_position_encoder(config)
+
+    @classmethod
+    def from_checkpoint(
+        cls, checkpoint: Checkpoint, start: int, end: int, dtype: torch.dtype, device: torch.device | str = "cpu"
+    ) -> "BlockSpan":
+        """Builds blocks [start, end) from only their own tensors; the rest of the model is never materialised."""
+        config = serving_config(checkpoint.config)
+        family = family_for(config)
+        if not 0 <= start < end <= config.num_hidden_layers:
+            raise ValueError(f"blocks {start}:{end} are outside the model's 0:{config.num_hidden_layers}")
+        prefixes = [family.block_prefix(index) for index in range(start, end)]
+        names = [name for prefix in prefixes for name in checkpoint.names_with_prefix(prefix)]
+        tensors = checkpoint.load(names, dtype=dtype, progress=f"loading blocks {start}:{end}")
+        layers = []
+        for index, prefix in zip(range(start, end), prefixes):
+            with torch.device("meta"):
+                layer = family.make_layer(config, index)
+            state = {name[len(prefix) :]: tensors.pop(name).to(device) for name in list(tensors) if name.startswith(prefix)}
+            layer.load_state_dict(state, strict=True, assign=True)
+            layers.append(layer)
+        span = cls(config, start, layers, family).to(device)
+        return span.eval().requires_grad_(False)
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        position_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        cache: SpanCache | None = None,
+        blocks: slice = slice(None),
+    ) -> torch.Tensor:
+        """Runs `self.layers[blocks]`; `attention_mask` is 2-D over every position so far (cached and new)."""
+        layer_inputs = self.family.layer_inputs(
+            self.config, self.position_encoder, hidden_states, position_ids, attention_mask, cache
+        )
+        for layer in self.layers[blocks]:
+            output = layer(hidden_states, **layer_inputs)
+            hidden_states = output[0] if isinstance(output, tuple) else output
+        return hidden_states
+
+
+def serving_config(config: PretrainedConfig) -> PretrainedConfig:
+    """The config peers and the reference both run with: SDPA attention, as local `transformers` picks by default."""
+    config._attn_implementation = "sdpa"
+    return config
+
+
+def _rebase_layer_index(layer: nn.Module, local_index: int) -> None:
+    """Attention modules index the cache by their layer's global index; a span's cache holds only its own blocks.
+
+    The layer is built with its global index first (so per-layer settings such as sliding windows are right), then
+    every `layer_idx` inside it is rebased to its place in the span.
+    """
+    for module in layer.modules():
+        if isinstance(getattr(module, "layer_idx", None), int):
+            module.layer_idx = local_index

@@ -1,0 +1,60 @@
+"""Tensors on the wire: raw bytes plus shape and dtype, decoded without a copy where torch allows."""
+
+import math
+import warnings
+
+import torch
+
+from swarm.wire import swarm_peer_pb2 as pb
+
+DTYPES: dict[str, torch.dtype] = {
+    "float32": torch.float32,
+    "float16": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "int64": torch.int64,
+    "int32": torch.int32,
+    "bool": torch.bool,
+}
+DTYPE_NAMES = {dtype: name for name, dtype in DTYPES.items()}
+
+
+class TensorDecodeError(ValueError):
+    """The bytes do not make the tensor they claim to be."""
+
+
+def encode(tensor: torch.Tensor) -> pb.Tensor:
+    tensor = tensor.detach()
+    if tensor.device.type != "cpu":
+        tensor = tensor.cpu()
+    if tensor.dtype not in DTYPE_NAMES:
+        raise TypeError(f"cannot send tensors of dtype {tensor.dtype}")
+    tensor = tensor.contiguous()
+    # bfloat16 has no numpy twin: reinterpret its bytes as int16 before taking them.
+    raw = tensor.view(torch.int16) if tensor.dtype == torch.bfloat16 else tensor
+    return pb.Tensor(data=raw.numpy().tobytes(), shape=list(tensor.shape), dtype=DTYPE_NAMES[tensor.dtype])
+
+
+def decode(message: pb.Tensor) -> torch.Tensor:
+    dtype = DTYPES.get(message.dtype)
+    if dtype is None:
+        raise TensorDecodeError(f"unknown dtype {message.dtype!r}; expected one of {sorted(DTYPES)}")
+    shape = tuple(message.shape)
+    if any(dim < 0 for dim in shape):
+        raise TensorDecodeError(f"negative dimension in shape {shape}")
+    expected_bytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+    if len(message.data) != expected_bytes:
+        raise TensorDecodeError(
+            f"tensor of shape {shape} and dtype {message.dtype} needs {expected_bytes} bytes, got {len(message.data)}"
+        )
+    if expected_bytes == 0:
+        return torch.empty(shape, dtype=dtype)
+    # frombuffer shares the message's (immutable) bytes instead of copying them; callers must not write into the
+    # result, and torch's warning about that is expected here.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        flat = torch.frombuffer(message.data, dtype=dtype)
+    return flat.view(shape)
+
+
+def is_set(message: pb.Tensor) -> bool:
+    return bool(message.dtype)
