@@ -1,0 +1,18 @@
+"""What a client user can tune."""
+
+from dataclasses import dataclass, field
+
+
+@dataclass
+class ClientConfig:
+    initial_peers: list[str] = field(default_factory=list)
+    # Only use these peers (DHT ids), or never use those; empty means no restriction.
+    allowed_peers: tuple[str, ...] = ()
+    blocked_peers: tuple[str, ...] = ()
+    # Seconds to wait for a peer's answer to a step or a forward pass.
+    request_timeout: float = 60.0
+    # Seconds a peer may keep a new session waiting for cache memory.
+    alloc_timeout: float = 30.0
+    # Seconds for which a fetched view of the swarm is reused before asking the DHT again.
+    view_ttl: float = 1.0
+    max_message_bytes: int = 64 * 1024 * 1024

@@ -1,0 +1,154 @@
+"""An inference session: one gRPC stream per hop of a chain, each peer keeping the KV cache of its blocks."""
+
+import queue
+import uuid
+
+import grpc
+import torch
+
+from swarm import tensors
+from swarm.errors import RemoteError, SwarmError
+from swarm.routing import Hop
+from swarm.tensors import DTYPES
+from swarm.wire import swarm_peer_pb2 as pb
+
+_CLOSE = None  # ends a stream's request iterator
+
+
+class HopSession:
+    """The session on one peer: sends steps on its stream and waits for each answer in turn."""
+
+    def __init__(self, stub, hop: Hop, batch_size: int, max_length: int, alloc_timeout: float):
+        self.hop = hop
+        self.peer = hop.peer.peer_id
+        self.dtype = DTYPES[hop.peer.record.dtype]
+        self.session_id = uuid.uuid4().hex
+        self._step_id = 0
+        self._requests: queue.SimpleQueue = queue.SimpleQueue()
+        self._requests.put(
+            pb.InferenceRequest(
+                open=pb.OpenSession(
+                    session_id=self.session_id, start_block=hop.start, end_block=hop.end,
+                    batch_size=batch_size, max_length=max_length, alloc_timeout=alloc_timeout,
+                )
+            )
+        )
+        self._call = stub.Inference(iter(self._requests.get, _CLOSE))
+        response = self._receive()
+        if response.WhichOneof("kind") != "opened":
+            raise RemoteError(self.peer, "PROTOCOL", f"expected the session to open, got {response.WhichOneof('kind')}")
+
+    def _receive(self) -> pb.InferenceResponse:
+        try:
+            return next(self._call)
+        except grpc.RpcError as error:
+            raise RemoteError(self.peer, error.code().name, error.details() or "") from None
+        except StopIteration:
+            raise RemoteError(self.peer, "CLOSED", "the peer closed the session") from None
+
+    def step(
+        self,
+        hidden_states: torch.Tensor,
+        position_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        beam_reorder: torch.Tensor | None,
+        start_position: int | None,
+    ) -> torch.Tensor:
+        self._step_id += 1
+        step = pb.InferenceStep(
+            session_id=self.session_id,
+            step_id=self._step_id,
+            hidden_states=tensors.encode(hidden_states.to(self.dtype)),
+            position_ids=tensors.encode(position_ids),
+            attention_mask=tensors.encode(attention_mask),
+        )
+        if beam_reorder is not None:
+            step.beam_reorder.CopyFrom(tensors.encode(beam_reorder))
+        if start_position is not None:
+            step.start_position, step.has_start_position = start_position, True
+        self._requests.put(pb.InferenceRequest(step=step))
+        response = self._receive()
+        if response.WhichOneof("kind") == "error":
+            raise RemoteError(self.peer, response.error.code, response.error.message)
+        return tensors.decode(response.result.hidden_states)
+
+    def close(self) -> None:
+        self._requests.put(_CLOSE)
+        self._call.cancel()
+
+
+class InferenceSession:
+    """Opened lazily on the first step (when the batch size is known); `position` counts tokens on the peers."""
+
+    def __init__(self, remote, max_length: int):
+        self.remote, self.max_length = remote, max_length
+        self.position = 0
+        self.pending_reorder: torch.Tensor | None = None
+        self._hops: list[HopSession] | None = None
+        self.closed = False
+
+    @property
+    def route(self) -> list[Hop]:
+        return [hop_session.hop for hop_session in self._hops or []]
+
+    def _open(self, batch_size: int) -> None:
+        self._hops = []
+        try:
+            for hop in self.remote.view.chain(self.remote.start_block, self.remote.end_block):
+                stub = self.remote.connections.stub(hop.peer.record.address)
+                self._hops.append(HopSession(stub, hop, batch_size, self.max_length, self.remote.config.alloc_timeout))
+        except BaseException:
+            self.close()
+            raise
+
+    def step(
+        self,
+        hidden_states: torch.Tensor,
+        position_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        start_position: int | None = None,
+    ) -> torch.Tensor:
+        """Runs new tokens' hidden states [batch, new, hidden] through every hop; returns the last hop's output.
+
+        `attention_mask` covers only the new tokens (the peers keep the rest); `start_position` rolls the session
+        back to that many tokens first.
+        """
+        if self.closed:
+            raise SwarmError("this inference session is closed")
+        batch, new_tokens = hidden_states.shape[:2]
+        first = self.position if start_position is None else start_position
+        if first + new_tokens > self.max_length:
+            raise SwarmError(
+                f"the session holds at most {self.max_length} tokens (max_length); this step would reach "
+                f"{first + new_tokens}. Open a session with a larger max_length."
+            )
+        if self._hops is None:
+            self._open(batch)
+        if position_ids is None:
+            position_ids = torch.arange(first, first + new_tokens).expand(batch, new_tokens)
+        if attention_mask is None:
+            attention_mask = torch.ones(batch, new_tokens, dtype=torch.bool)
+        position_ids, attention_mask = position_ids.cpu().long(), attention_mask.cpu().bool()
+        reorder, self.pending_reorder = self.pending_reorder, None
+        reorder = None if reorder is None else reorder.cpu().long()
+        output_dtype = hidden_states.dtype
+        for hop_session in self._hops:
+            hidden_states = hop_session.step(hidden_states, position_ids, attention_mask, reorder, start_position)
+        self.position = first + new_tokens
+        return hidden_states.to(output_dtype)
+
+    def reorder(self, beam_idx: torch.Tensor) -> None:
+        """Keep cache rows `beam_idx` (beam search); applied by the peers before the next step."""
+        beam_idx = beam_idx.cpu().long()
+        self.pending_reorder = beam_idx if self.pending_reorder is None else self.pending_reorder[beam_idx]
+
+    def close(self) -> None:
+        self.closed = True
+        for hop_session in self._hops or []:
+            hop_session.close()
+
+    def __enter__(self) -> "InferenceSession":
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()

@@ -1,0 +1,168 @@
+"""Causal LMs whose blocks run on the swarm: embeddings, final norm and LM head stay local.
+
+`AutoDistributedModelForCausalLM.from_pretrained(path, initial_peers=[...])` builds, for the checkpoint's family,
+a subclass of that family's `transformers` causal LM with no local blocks; its `forward` sends hidden states
+through a RemoteSequential, and `generate` is `transformers`' own, with the KV cache kept on the peers.
+"""
+
+import contextlib
+import copy
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+from transformers.cache_utils import Cache
+from transformers.modeling_outputs import CausalLMOutputWithPast
+
+from client.config import ClientConfig
+from client.inference_session import InferenceSession
+from client.remote_sequential import RemoteSequential
+from swarm.blocks import serving_config
+from swarm.checkpoint import Checkpoint
+from swarm.errors import SwarmError
+from swarm.families import Family, family_for
+
+
+class RemotePastKeyValues(Cache):
+    """Stands in for the KV cache, which lives on the peers: reports how many tokens they hold, forwards reorders."""
+
+    def __init__(self, session: InferenceSession):
+        super().__init__(layers=[])
+        self.session = session
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return self.session.position
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        self.session.reorder(beam_idx)
+
+
+class DistributedCausalLMMixin:
+    """Mixed in before a family's `...ForCausalLM`; see the module docstring."""
+
+    family: Family
+    remote: RemoteSequential
+
+    def _attach_remote(self, family: Family, remote: RemoteSequential) -> None:
+        self.family, self.remote = family, remote
+        self._active_session: InferenceSession | None = None
+        self._implicit_session: InferenceSession | None = None
+
+    @property
+    def base(self) -> torch.nn.Module:
+        return getattr(self, self.family.base_prefix)
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values: Cache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        labels: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        logits_to_keep: int | torch.Tensor = 0,
+        **kwargs,
+    ) -> CausalLMOutputWithPast:
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("give exactly one of input_ids or inputs_embeds")
+        hidden = self.family.embed(self.base, input_ids) if inputs_embeds is None else inputs_embeds
+        batch, length = hidden.shape[:2]
+        if past_key_values is None:
+            hidden = self.remote(hidden, position_ids, self._mask_columns(attention_mask, length, batch))
+        elif isinstance(past_key_values, RemotePastKeyValues):
+            session = past_key_values.session
+            hidden = session.step(hidden, position_ids, self._mask_columns(attention_mask, length, batch))
+        else:
+            raise TypeError(f"past_key_values must come from an inference session, not {type(past_key_values)}")
+        hidden = self.family.final_norm(self.base, hidden)
+        keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
+        logits = self.lm_head(hidden[:, keep, :])
+        loss = None
+        if labels is not None:
+            loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
+        return CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=past_key_values)
+
+    @staticmethod
+    def _mask_columns(attention_mask: torch.Tensor | None, length: int, batch: int) -> torch.Tensor | None:
+        """The mask columns of the new tokens (generate passes the mask of the whole sequence so far)."""
+        if attention_mask is None:
+            return None
+        if attention_mask.ndim != 2 or attention_mask.shape[0] != batch:
+            raise ValueError(f"attention_mask must be 2-D [batch, length], got {list(attention_mask.shape)}")
+        return attention_mask[:, -length:].bool()
+
+    @contextlib.contextmanager
+    def inference_session(self, max_length: int) -> Iterator[InferenceSession]:
+        """Keeps one KV cache on the peers across several `generate` calls (pass the full sequence each time)."""
+        if self._active_session is not None:
+            raise SwarmError("an inference session is already active on this model")
+        with self.remote.inference_session(max_length) as session:
+            self._active_session = session
+            try:
+                yield session
+            finally:
+                self._active_session = None
+
+    def _prepare_cache_for_generation(self, generation_config, model_kwargs, generation_mode, batch_size, max_cache_length):
+        if model_kwargs.get("past_key_values") is not None:
+            return super()._prepare_cache_for_generation(
+                generation_config, model_kwargs, generation_mode, batch_size, max_cache_length
+            )
+        session = self._active_session
+        if session is None:
+            session = self._implicit_session = self.remote.inference_session(max_cache_length)
+        elif max_cache_length > session.max_length:
+            raise SwarmError(
+                f"this generation needs up to {max_cache_length} tokens but the session was opened with "
+                f"max_length={session.max_length}"
+            )
+        model_kwargs["past_key_values"] = RemotePastKeyValues(session)
+
+    def generate(self, *args, **kwargs):
+        try:
+            return super().generate(*args, **kwargs)
+        finally:
+            if self._implicit_session is not None:
+                self._implicit_session.close()
+                self._implicit_session = None
+
+    def close(self) -> None:
+        """Leave the swarm: close connections and this client's DHT node."""
+        self.remote.close()
+
+
+class AutoDistributedModelForCausalLM:
+    """Entry point: picks the family from the checkpoint's config.json."""
+
+    @staticmethod
+    def from_pretrained(
+        model_path: str | Path,
+        initial_peers: list[str] | tuple[str, ...] = (),
+        dtype: torch.dtype | None = None,
+        client_config: ClientConfig | None = None,
+        **client_options,
+    ):
+        checkpoint = Checkpoint(model_path)
+        config = serving_config(checkpoint.config)
+        family = family_for(config)
+        dtype = dtype or checkpoint.checkpoint_dtype
+        client_config = client_config or ClientConfig(initial_peers=list(initial_peers), **client_options)
+        model_class = type(f"Distributed{family.causal_lm_class.__name__}", (DistributedCausalLMMixin, family.causal_lm_class), {})
+
+        local_config = copy.deepcopy(config)
+        local_config.num_hidden_layers = 0  # the blocks are remote; build the rest only
+        with torch.device("meta"):
+            model = model_class(local_config)
+        names = [name for name in checkpoint.weight_map if not name.startswith(f"{family.base_prefix}.layers.")]
+        state = checkpoint.load(names, dtype=dtype)
+        model.to_empty(device="cpu")
+        missing, unexpected = model.load_state_dict(state, strict=False)
+        if config.tie_word_embeddings or "lm_head.weight" in missing:
+            model.lm_head.weight = model.get_input_embeddings().weight
+            missing = [name for name in missing if name != "lm_head.weight"]
+        if missing or unexpected:
+            raise SwarmError(f"checkpoint does not fit the client model: missing {missing}, unexpected {unexpected}")
+        model.config = config  # the real number of blocks, for generate and for users
+        model._attach_remote(family, RemoteSequential(checkpoint.model_prefix(), config.num_hidden_layers, client_config))
+        return model.to(dtype).eval().requires_grad_(False)

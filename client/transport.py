@@ -1,0 +1,40 @@
+"""gRPC channels to peers, one per address, and conversion of gRPC failures into RemoteError."""
+
+import threading
+
+import grpc
+
+from swarm.errors import RemoteError
+from swarm.wire import swarm_peer_pb2_grpc as pb_grpc
+
+
+class PeerConnections:
+    def __init__(self, max_message_bytes: int):
+        self._options = [
+            ("grpc.max_receive_message_length", max_message_bytes),
+            ("grpc.max_send_message_length", max_message_bytes),
+        ]
+        self._stubs: dict[str, pb_grpc.SwarmPeerStub] = {}
+        self._channels: list[grpc.Channel] = []
+        self._lock = threading.Lock()
+
+    def stub(self, address: str) -> pb_grpc.SwarmPeerStub:
+        with self._lock:
+            if address not in self._stubs:
+                channel = grpc.insecure_channel(address, options=self._options)
+                self._channels.append(channel)
+                self._stubs[address] = pb_grpc.SwarmPeerStub(channel)
+            return self._stubs[address]
+
+    def close(self) -> None:
+        with self._lock:
+            for channel in self._channels:
+                channel.close()
+            self._channels.clear()
+            self._stubs.clear()
+
+
+def remote_error(peer: str, error: grpc.RpcError) -> RemoteError:
+    code = error.code() if hasattr(error, "code") else None
+    details = error.details() if hasattr(error, "details") else str(error)
+    return RemoteError(peer, code.name if code is not None else "UNKNOWN", details or "")

@@ -1,0 +1,1 @@
+"""The server side: serve a span of a model's blocks to the swarm."""

@@ -1,0 +1,69 @@
+"""Keeps this peer's records in the DHT fresh; records expire by themselves if the peer dies."""
+
+import asyncio
+import logging
+from collections.abc import Callable
+
+import hivemind
+from hivemind.utils import get_dht_time
+
+from swarm.constants import MODEL_INDEX_KEY
+from swarm.dht_records import ServerRecord, block_key
+
+logger = logging.getLogger(__name__)
+
+MIN_ANNOUNCE_GAP = 1.0
+
+
+class Announcer:
+    def __init__(
+        self,
+        dht: hivemind.DHT,
+        model_prefix: str,
+        model_info: dict,
+        record: Callable[[], ServerRecord],
+        period: float,
+    ):
+        self.dht, self.model_prefix, self.model_info = dht, model_prefix, model_info
+        self.record, self.period = record, period
+        self._wake = asyncio.Event()
+
+    def announce_soon(self) -> None:
+        """Ask for an announcement now (e.g. the cache filled up) instead of at the next period."""
+        self._wake.set()
+
+    async def announce(self, record: ServerRecord | None = None, expiration: float | None = None) -> None:
+        record = record or self.record()
+        expiration_time = get_dht_time() + (expiration if expiration is not None else 2 * self.period)
+        keys = [block_key(self.model_prefix, block) for block in range(record.start_block, record.end_block)]
+        value = record.to_dict()
+        await asyncio.get_running_loop().run_in_executor(None, self._store, keys, value, expiration_time)
+
+    def _store(self, keys: list[str], value: dict, expiration_time: float) -> None:
+        subkey = self.dht.peer_id.to_base58()
+        futures = [
+            self.dht.store(key, subkey=subkey, value=value, expiration_time=expiration_time, return_future=True)
+            for key in keys
+        ]
+        futures.append(
+            self.dht.store(
+                MODEL_INDEX_KEY, subkey=self.model_prefix, value=self.model_info,
+                expiration_time=expiration_time, return_future=True,
+            )
+        )
+        if not all(future.result() for future in futures):
+            logger.warning("some DHT records were not stored; will retry at the next announcement")
+
+    async def run(self) -> None:
+        """Announce every `period` seconds (or sooner when asked) until cancelled."""
+        while True:
+            try:
+                await self.announce()
+            except Exception as error:  # a DHT hiccup must not take the peer down; the next period retries
+                logger.warning(f"announcement failed: {error!r}")
+            self._wake.clear()
+            try:
+                await asyncio.wait_for(self._wake.wait(), self.period)
+                await asyncio.sleep(min(MIN_ANNOUNCE_GAP, self.period))  # many sessions opening at once: one store
+            except TimeoutError:
+                pass

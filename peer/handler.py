@@ -1,0 +1,170 @@
+"""gRPC handlers of the data plane: decode and check requests, queue the compute, encode the answers."""
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator, Callable
+
+import grpc
+import torch
+
+from peer.memory_pool import CacheExhaustedError, CachePool
+from peer.runtime import PRIORITY_FORWARD, PRIORITY_INFERENCE, ComputeRuntime
+from peer.sessions import InferenceSessionState
+from peer.validation import InvalidRequest, check_block_range, decode_span_inputs, decode_tensor
+from swarm import tensors
+from swarm.blocks import BlockSpan
+from swarm.constants import PROTOCOL_VERSION
+from swarm.wire import swarm_peer_pb2 as pb
+from swarm.wire import swarm_peer_pb2_grpc as pb_grpc
+
+logger = logging.getLogger(__name__)
+
+MAX_ALLOC_TIMEOUT = 600.0
+
+
+class SwarmPeerServicer(pb_grpc.SwarmPeerServicer):
+    def __init__(
+        self,
+        span: BlockSpan,
+        dtype: torch.dtype,
+        model_prefix: str,
+        runtime: ComputeRuntime,
+        pool: CachePool,
+        max_message_bytes: int,
+        session_idle_timeout: float,
+        on_cache_change: Callable[[], None] = lambda: None,
+    ):
+        self.span, self.dtype, self.model_prefix = span, dtype, model_prefix
+        self.runtime, self.pool = runtime, pool
+        self.max_message_bytes = max_message_bytes
+        self.session_idle_timeout = session_idle_timeout
+        self.on_cache_change = on_cache_change
+        self.hidden_size = span.config.hidden_size
+        self.open_sessions: dict[str, InferenceSessionState] = {}
+
+    @property
+    def cache_tokens_left(self) -> int:
+        """Free pool memory in tokens of a full-span, batch-1 session (what the peer announces)."""
+        per_token = InferenceSessionState.cache_bytes(self.span, len(self.span.layers), 1, 1, self.dtype)
+        return self.pool.free_bytes // per_token
+
+    async def Info(self, request: pb.InfoRequest, context) -> pb.InfoResponse:
+        return pb.InfoResponse(
+            protocol_version=PROTOCOL_VERSION,
+            model_prefix=self.model_prefix,
+            start_block=self.span.start,
+            end_block=self.span.end,
+            dtype=tensors.DTYPE_NAMES[self.dtype],
+            cache_tokens_left=self.cache_tokens_left,
+            hidden_size=self.hidden_size,
+            max_message_bytes=self.max_message_bytes,
+        )
+
+    async def Forward(self, request: pb.ForwardRequest, context) -> pb.ForwardResponse:
+        try:
+            check_block_range(request.start_block, request.end_block, self.span.start, self.span.end)
+            inputs = decode_span_inputs(
+                request.hidden_states, request.position_ids, request.attention_mask,
+                self.hidden_size, self.dtype, batch_size=None, first_position=0,
+            )
+        except InvalidRequest as error:
+            await context.abort(getattr(grpc.StatusCode, error.code), str(error))
+        blocks = slice(request.start_block - self.span.start, request.end_block - self.span.start)
+        output = await self.runtime.run(PRIORITY_FORWARD, self._forward, inputs, blocks)
+        return pb.ForwardResponse(hidden_states=tensors.encode(output))
+
+    def _forward(self, inputs, blocks: slice) -> torch.Tensor:
+        with torch.inference_mode():
+            return self.span(inputs.hidden_states, inputs.position_ids, inputs.attention_mask, blocks=blocks)
+
+    async def Inference(self, request_iterator, context) -> AsyncIterator[pb.InferenceResponse]:
+        requests = aiter(request_iterator)
+        first = await self._next_request(requests, context)
+        if first is None:
+            return
+        if first.WhichOneof("kind") != "open":
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, "the first message of a stream must open a session")
+        opening = first.open
+        try:
+            check_block_range(opening.start_block, opening.end_block, self.span.start, self.span.end)
+            if not 0 < opening.batch_size <= 4096 or not 0 < opening.max_length <= 2**20:
+                raise InvalidRequest(f"batch_size {opening.batch_size} or max_length {opening.max_length} out of range")
+            if not opening.session_id or opening.session_id in self.open_sessions:
+                raise InvalidRequest(f"session id {opening.session_id!r} is empty or already open", "ALREADY_EXISTS")
+        except InvalidRequest as error:
+            await context.abort(getattr(grpc.StatusCode, error.code), str(error))
+        num_bytes = InferenceSessionState.cache_bytes(
+            self.span, opening.end_block - opening.start_block, opening.batch_size, opening.max_length, self.dtype
+        )
+        timeout = min(max(opening.alloc_timeout, 0.0), MAX_ALLOC_TIMEOUT)
+        try:
+            async with self.pool.reserve(num_bytes, timeout):
+                session = InferenceSessionState(
+                    opening.session_id, self.span, opening.start_block, opening.end_block,
+                    opening.batch_size, opening.max_length,
+                )
+                self.open_sessions[session.session_id] = session
+                self.on_cache_change()
+                try:
+                    yield pb.InferenceResponse(
+                        opened=pb.SessionOpened(session_id=session.session_id, max_length=session.max_length)
+                    )
+                    async for response in self._serve_steps(session, requests, context):
+                        yield response
+                finally:
+                    del self.open_sessions[session.session_id]
+            self.on_cache_change()
+        except CacheExhaustedError as error:
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(error))
+
+    async def _serve_steps(self, session: InferenceSessionState, requests, context):
+        while (request := await self._next_request(requests, context)) is not None:
+            step = request.step
+            try:
+                if request.WhichOneof("kind") != "step":
+                    raise InvalidRequest("a session is already open on this stream", "FAILED_PRECONDITION")
+                if step.session_id != session.session_id:
+                    raise InvalidRequest(f"unknown session {step.session_id!r} on this stream", "NOT_FOUND")
+                arguments = self._decode_step(session, step)
+            except InvalidRequest as error:
+                yield pb.InferenceResponse(error=pb.StepError(step_id=step.step_id, code=error.code, message=str(error)))
+                continue
+            output = await self.runtime.run(PRIORITY_INFERENCE, session.step, *arguments)
+            yield pb.InferenceResponse(
+                result=pb.StepResult(step_id=step.step_id, hidden_states=tensors.encode(output), position=session.position)
+            )
+
+    def _decode_step(self, session: InferenceSessionState, step: pb.InferenceStep) -> tuple:
+        start_position = step.start_position if step.has_start_position else None
+        if start_position is not None and not 0 <= start_position <= session.position:
+            raise InvalidRequest(f"start_position {start_position} is outside [0, {session.position}]")
+        first_position = session.position if start_position is None else start_position
+        inputs = decode_span_inputs(
+            step.hidden_states, step.position_ids, step.attention_mask,
+            self.hidden_size, self.dtype, session.batch_size, first_position,
+        )
+        new_tokens = inputs.hidden_states.shape[1]
+        if first_position + new_tokens > session.max_length:
+            raise InvalidRequest(
+                f"this step would take the session to {first_position + new_tokens} tokens, past its max_length "
+                f"{session.max_length}", "OUT_OF_RANGE",
+            )
+        beam_reorder = None
+        if tensors.is_set(step.beam_reorder):
+            beam_reorder = decode_tensor(step.beam_reorder, "beam_reorder")
+            if beam_reorder.dtype != torch.int64 or list(beam_reorder.shape) != [session.batch_size]:
+                raise InvalidRequest(f"beam_reorder must be int64 [{session.batch_size}]")
+            if beam_reorder.min() < 0 or beam_reorder.max() >= session.batch_size:
+                raise InvalidRequest(f"beam_reorder indices must be in [0, {session.batch_size})")
+        return inputs.hidden_states, inputs.position_ids, inputs.attention_mask, beam_reorder, start_position
+
+    async def _next_request(self, requests, context) -> pb.InferenceRequest | None:
+        """The next message of the stream, None when the client closed it; an idle session times out."""
+        try:
+            return await asyncio.wait_for(anext(requests), self.session_idle_timeout)
+        except StopAsyncIteration:
+            return None
+        except TimeoutError:
+            await context.abort(
+                grpc.StatusCode.DEADLINE_EXCEEDED, f"session idle for {self.session_idle_timeout:.0f}s; closed"
+            )
