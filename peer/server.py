@@ -96,6 +96,7 @@ class Peer:
         await server.start()
         self.address = f"{config.announce_host or config.host}:{port}"
         self.state = ServerState.ONLINE
+        await self.announcer.announce()  # online before we say so, so that whoever waits for this line finds us
         announcing = asyncio.create_task(self.announcer.run())
         print(
             f"peer {self.dht.peer_id.to_base58()} online: blocks {start}:{end} of {self.model_prefix} "

@@ -1,0 +1,85 @@
+"""Real swarm processes for tests: a bootstrap DHT node and peers started through the `swarm-peer` CLI."""
+
+import os
+import queue
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+
+START_TIMEOUT = 120.0
+
+
+@dataclass
+class SwarmProcess:
+    process: subprocess.Popen
+    lines: "queue.Queue[str]" = field(default_factory=queue.Queue)
+    output: list[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        threading.Thread(target=self._pump, daemon=True).start()
+
+    def _pump(self) -> None:
+        for line in self.process.stdout:
+            self.output.append(line)
+            self.lines.put(line)
+
+    def wait_for_line(self, pattern: str, timeout: float = START_TIMEOUT) -> re.Match:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                line = self.lines.get(timeout=min(1.0, max(deadline - time.monotonic(), 0.01)))
+            except queue.Empty:
+                if self.process.poll() is not None:
+                    break
+                continue
+            if match := re.search(pattern, line):
+                return match
+        raise TimeoutError(f"no line matching {pattern!r}; output so far:\n{''.join(self.output)}")
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 20.0) -> int:
+        if self.process.poll() is None:
+            self.process.send_signal(sig)
+            try:
+                self.process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        return self.process.returncode
+
+
+def _spawn(*args: str) -> SwarmProcess:
+    env = dict(os.environ, PYTHONUNBUFFERED="1", TQDM_DISABLE="1")
+    process = subprocess.Popen(
+        [sys.executable, "-m", "peer.cli", *args],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
+    )
+    return SwarmProcess(process)
+
+
+def start_bootstrap() -> tuple[SwarmProcess, str]:
+    node = _spawn("bootstrap")
+    return node, node.wait_for_line(r"--initial-peers (\S+)").group(1)
+
+
+@dataclass
+class PeerHandle:
+    process: SwarmProcess
+    peer_id: str
+    address: str
+
+
+def start_peers(model_path: str, initial_peer: str, spans: list[str], *extra: str) -> list[PeerHandle]:
+    """Starts one peer per span ("0:2", ...) at once and waits until each is online."""
+    processes = [
+        _spawn("serve", str(model_path), "--initial-peers", initial_peer, "--blocks", span, "--announce-period", "5", *extra)
+        for span in spans
+    ]
+    handles = []
+    for process in processes:
+        match = process.wait_for_line(r"peer (\S+) online: .* at (\S+),")
+        handles.append(PeerHandle(process, match.group(1), match.group(2)))
+    return handles
