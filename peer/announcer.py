@@ -32,9 +32,9 @@ class Announcer:
         """Ask for an announcement now (e.g. the cache filled up) instead of at the next period."""
         self._wake.set()
 
-    async def announce(self, record: ServerRecord | None = None, expiration: float | None = None) -> None:
-        record = record or self.record()
-        expiration_time = get_dht_time() + (expiration if expiration is not None else 2 * self.period)
+    async def announce(self) -> None:
+        record = self.record()
+        expiration_time = get_dht_time() + 2 * self.period
         keys = [block_key(self.model_prefix, block) for block in range(record.start_block, record.end_block)]
         value = record.to_dict()
         await asyncio.get_running_loop().run_in_executor(None, self._store, keys, value, expiration_time)

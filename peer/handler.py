@@ -129,7 +129,11 @@ class SwarmPeerServicer(pb_grpc.SwarmPeerServicer):
             except InvalidRequest as error:
                 yield pb.InferenceResponse(error=pb.StepError(step_id=step.step_id, code=error.code, message=str(error)))
                 continue
-            output = await self.runtime.run(PRIORITY_INFERENCE, session.step, *arguments)
+            try:
+                output = await self.runtime.run(PRIORITY_INFERENCE, session.step, *arguments)
+            except Exception as error:  # the cache may be half-written: end the session rather than serve wrong tokens
+                logger.exception(f"session {session.session_id} failed")
+                await context.abort(grpc.StatusCode.INTERNAL, f"step failed on the peer, session closed: {error!r}")
             yield pb.InferenceResponse(
                 result=pb.StepResult(step_id=step.step_id, hidden_states=tensors.encode(output), position=session.position)
             )

@@ -110,7 +110,7 @@ class Peer:
         print("shutting down: announcing offline, letting open requests finish", flush=True)
         announcing.cancel()
         self.state = ServerState.OFFLINE
-        await self.announcer.announce(expiration=self.config.announce_period)
+        await self.announcer.announce()  # same lifetime as before: the DHT keeps the record that expires last
         await server.stop(grace=5)
         self.runtime.shutdown()
         self.dht.shutdown()

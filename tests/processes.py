@@ -51,7 +51,7 @@ class SwarmProcess:
         return self.process.returncode
 
 
-def _spawn(*args: str) -> SwarmProcess:
+def spawn_cli(*args: str) -> SwarmProcess:
     env = dict(os.environ, PYTHONUNBUFFERED="1", TQDM_DISABLE="1")
     process = subprocess.Popen(
         [sys.executable, "-m", "peer.cli", *args],
@@ -61,7 +61,7 @@ def _spawn(*args: str) -> SwarmProcess:
 
 
 def start_bootstrap() -> tuple[SwarmProcess, str]:
-    node = _spawn("bootstrap")
+    node = spawn_cli("bootstrap")
     return node, node.wait_for_line(r"--initial-peers (\S+)").group(1)
 
 
@@ -75,7 +75,7 @@ class PeerHandle:
 def start_peers(model_path: str, initial_peer: str, spans: list[str], *extra: str) -> list[PeerHandle]:
     """Starts one peer per span ("0:2", ...) at once and waits until each is online."""
     processes = [
-        _spawn("serve", str(model_path), "--initial-peers", initial_peer, "--blocks", span, "--announce-period", "5", *extra)
+        spawn_cli("serve", str(model_path), "--initial-peers", initial_peer, "--blocks", span, "--announce-period", "5", *extra)
         for span in spans
     ]
     handles = []
