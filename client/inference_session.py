@@ -46,26 +46,13 @@ class HopSession:
         except StopIteration:
             raise RemoteError(self.peer, "CLOSED", "the peer closed the session") from None
 
-    def step(
-        self,
-        hidden_states: torch.Tensor,
-        position_ids: torch.Tensor,
-        attention_mask: torch.Tensor,
-        beam_reorder: torch.Tensor | None,
-        start_position: int | None,
-    ) -> torch.Tensor:
+    def step(self, hidden_states: torch.Tensor, step_fields: pb.InferenceStep) -> torch.Tensor:
+        """Sends the hidden states with `step_fields` (positions, mask, reorder: the same for every hop)."""
         self._step_id += 1
         step = pb.InferenceStep(
-            session_id=self.session_id,
-            step_id=self._step_id,
-            hidden_states=tensors.encode(hidden_states.to(self.dtype)),
-            position_ids=tensors.encode(position_ids),
-            attention_mask=tensors.encode(attention_mask),
+            session_id=self.session_id, step_id=self._step_id, hidden_states=tensors.encode(hidden_states.to(self.dtype))
         )
-        if beam_reorder is not None:
-            step.beam_reorder.CopyFrom(tensors.encode(beam_reorder))
-        if start_position is not None:
-            step.start_position, step.has_start_position = start_position, True
+        step.MergeFrom(step_fields)
         self._requests.put(pb.InferenceRequest(step=step))
         response = self._receive()
         if response.WhichOneof("kind") == "error":
@@ -128,12 +115,18 @@ class InferenceSession:
             position_ids = torch.arange(first, first + new_tokens).expand(batch, new_tokens)
         if attention_mask is None:
             attention_mask = torch.ones(batch, new_tokens, dtype=torch.bool)
-        position_ids, attention_mask = position_ids.cpu().long(), attention_mask.cpu().bool()
+        step_fields = pb.InferenceStep(
+            position_ids=tensors.encode(position_ids.cpu().long()),
+            attention_mask=tensors.encode(attention_mask.cpu().bool()),
+        )
         reorder, self.pending_reorder = self.pending_reorder, None
-        reorder = None if reorder is None else reorder.cpu().long()
+        if reorder is not None:
+            step_fields.beam_reorder.CopyFrom(tensors.encode(reorder))
+        if start_position is not None:
+            step_fields.start_position, step_fields.has_start_position = start_position, True
         output_dtype = hidden_states.dtype
         for hop_session in self._hops:
-            hidden_states = hop_session.step(hidden_states, position_ids, attention_mask, reorder, start_position)
+            hidden_states = hop_session.step(hidden_states, step_fields)
         self.position = first + new_tokens
         return hidden_states.to(output_dtype)
 

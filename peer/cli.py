@@ -61,8 +61,10 @@ def bootstrap(host: str, port: int) -> None:
 @click.option("--session-timeout", default=300.0, show_default=True, help="Close sessions idle this many seconds.")
 @click.option("--max-message-mb", default=DEFAULT_MAX_MESSAGE_BYTES // 2**20, show_default=True)
 @click.option("--public-name", default="", help="A name shown to others in the swarm's status.")
+@click.option("--num-threads", type=int, help="CPU threads for compute (default: torch's, one per core). Peers that "
+              "share a machine run faster with the cores split between them than with each using all of them.")
 def serve(model_path, initial_peers, blocks, num_blocks, device, dtype, host, port, announce_host, cache_tokens,
-          announce_period, session_timeout, max_message_mb, public_name) -> None:
+          announce_period, session_timeout, max_message_mb, public_name, num_threads) -> None:
     """Serve a span of MODEL_PATH's blocks (a local Hugging Face checkpoint folder)."""
     import uvloop
 
@@ -76,6 +78,10 @@ def serve(model_path, initial_peers, blocks, num_blocks, device, dtype, host, po
         announce_period=announce_period, session_idle_timeout=session_timeout,
         max_message_bytes=max_message_mb * 2**20, public_name=public_name,
     )
+    if num_threads is not None:
+        import torch
+
+        torch.set_num_threads(num_threads)
     uvloop.install()
     asyncio.run(Peer(config).run())
 

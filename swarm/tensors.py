@@ -16,6 +16,9 @@ DTYPES: dict[str, torch.dtype] = {
     "bool": torch.bool,
 }
 DTYPE_NAMES = {dtype: name for name, dtype in DTYPES.items()}
+_ELEMENT_SIZES = {name: torch.empty((), dtype=dtype).element_size() for name, dtype in DTYPES.items()}
+
+warnings.filterwarnings("ignore", message="The given buffer is not writable", category=UserWarning)
 
 
 class TensorDecodeError(ValueError):
@@ -41,7 +44,7 @@ def decode(message: pb.Tensor) -> torch.Tensor:
     shape = tuple(message.shape)
     if any(dim < 0 for dim in shape):
         raise TensorDecodeError(f"negative dimension in shape {shape}")
-    expected_bytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+    expected_bytes = math.prod(shape) * _ELEMENT_SIZES[message.dtype]
     if len(message.data) != expected_bytes:
         raise TensorDecodeError(
             f"tensor of shape {shape} and dtype {message.dtype} needs {expected_bytes} bytes, got {len(message.data)}"
@@ -49,11 +52,8 @@ def decode(message: pb.Tensor) -> torch.Tensor:
     if expected_bytes == 0:
         return torch.empty(shape, dtype=dtype)
     # frombuffer shares the message's (immutable) bytes instead of copying them; callers must not write into the
-    # result, and torch's warning about that is expected here.
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)
-        flat = torch.frombuffer(message.data, dtype=dtype)
-    return flat.view(shape)
+    # result, and torch's warning about that is expected (silenced above).
+    return torch.frombuffer(message.data, dtype=dtype).view(shape)
 
 
 def is_set(message: pb.Tensor) -> bool:

@@ -75,7 +75,10 @@ class PeerHandle:
 def start_peers(model_path: str, initial_peer: str, spans: list[str], *extra: str) -> list[PeerHandle]:
     """Starts one peer per span ("0:2", ...) at once and waits until each is online."""
     processes = [
-        spawn_cli("serve", str(model_path), "--initial-peers", initial_peer, "--blocks", span, "--announce-period", "5", *extra)
+        spawn_cli(
+            "serve", str(model_path), "--initial-peers", initial_peer, "--blocks", span,
+            "--announce-period", "5", "--num-threads", "1", *extra,
+        )
         for span in spans
     ]
     handles = []
