@@ -11,8 +11,9 @@ import tempfile
 import torch
 from transformers import LlamaForCausalLM
 
-from bench.common import local_swarm, median_seconds
+from bench.common import interleaved_medians
 from client import AutoDistributedModelForCausalLM
+from peer.local_swarm import local_swarm
 from swarm.checkpoint_maker import save_random_checkpoint, tiny_llama_config
 
 
@@ -44,17 +45,15 @@ def main() -> None:
         with local_swarm(folder, [f"0:{half}", f"{half}:{args.layers}"], *peer_args) as bootstrap:
             swarm = AutoDistributedModelForCausalLM.from_pretrained(folder, initial_peers=[bootstrap])
             try:
-                # Interleave the two so that the machine's noise hits both alike.
-                local_seconds, swarm_seconds = [], []
-                for _ in range(args.repeats):
-                    local_seconds.append(median_seconds(lambda: local.generate(prompt, **options), 1, warmup=0))
-                    swarm_seconds.append(median_seconds(lambda: swarm.generate(prompt, **options), 1, warmup=0))
+                seconds = interleaved_medians(
+                    {"local": lambda: local.generate(prompt, **options), "swarm": lambda: swarm.generate(prompt, **options)},
+                    args.repeats,
+                )
                 same = torch.equal(local.generate(prompt, **options), swarm.generate(prompt, **options))
             finally:
                 swarm.close()
 
-    local_rate = args.new_tokens / sorted(local_seconds)[len(local_seconds) // 2]
-    swarm_rate = args.new_tokens / sorted(swarm_seconds)[len(swarm_seconds) // 2]
+    local_rate, swarm_rate = args.new_tokens / seconds["local"], args.new_tokens / seconds["swarm"]
     print(f"model: llama {params:.0f}M params (hidden {args.hidden}, {args.layers} layers, fp32), "
           f"2 peers x {half} blocks on loopback ({args.peer_threads} thread(s) each), batch 1, {args.new_tokens} new tokens, median of {args.repeats}")
     print(f"local transformers: {local_rate:8.1f} tokens/s")

@@ -1,37 +1,23 @@
-"""Helpers shared by the benchmarks: a local swarm of real processes and median timing."""
+"""Helpers shared by the benchmarks."""
 
-import contextlib
 import statistics
-import sys
 import time
-from collections.abc import Callable, Iterator
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from tests.processes import start_bootstrap, start_peers  # noqa: E402
+from collections.abc import Callable
 
 
-@contextlib.contextmanager
-def local_swarm(model_path: str, spans: list[str], *peer_args: str) -> Iterator[str]:
-    """Bootstrap + one peer per span on loopback; yields the bootstrap multiaddr."""
-    node, address = start_bootstrap()
-    peers = []
-    try:
-        peers = start_peers(model_path, address, spans, *peer_args)
-        yield address
-    finally:
-        for peer in peers:
-            peer.process.stop()
-        node.stop()
+def timed(function: Callable[[], object]) -> float:
+    """Seconds one call takes."""
+    started = time.perf_counter()
+    function()
+    return time.perf_counter() - started
 
 
-def median_seconds(function: Callable[[], object], repeats: int, warmup: int = 1) -> float:
-    for _ in range(warmup):
+def interleaved_medians(functions: dict[str, Callable[[], object]], repeats: int) -> dict[str, float]:
+    """Median seconds of each function, run in turns (after one warm-up each) so that noise hits them alike."""
+    for function in functions.values():
         function()
-    timings = []
+    timings: dict[str, list[float]] = {name: [] for name in functions}
     for _ in range(repeats):
-        started = time.perf_counter()
-        function()
-        timings.append(time.perf_counter() - started)
-    return statistics.median(timings)
+        for name, function in functions.items():
+            timings[name].append(timed(function))
+    return {name: statistics.median(values) for name, values in timings.items()}

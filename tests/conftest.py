@@ -1,7 +1,7 @@
 import pytest
 
 from swarm.checkpoint_maker import save_random_checkpoint, tiny_llama_config
-from tests.processes import start_bootstrap
+from peer.local_swarm import start_bootstrap
 
 
 @pytest.fixture(scope="session")

@@ -7,7 +7,7 @@ from transformers import LlamaForCausalLM, StoppingCriteria, StoppingCriteriaLis
 from client import AutoDistributedModelForCausalLM
 from swarm.checkpoint_maker import byte_tokenizer
 from swarm.errors import MissingBlocksError
-from tests.processes import start_peers
+from peer.local_swarm import start_peers
 
 # Peers: one with every block, and pieces that chain as [0:1]+[1:4] and [0:1]+[1:3]+[3:4].
 SPANS = {"full": "0:4", "a": "0:1", "b": "1:3", "c": "3:4", "d": "1:4"}

@@ -8,7 +8,7 @@ import pytest
 
 from swarm.checkpoint import Checkpoint
 from swarm.dht_records import ServerState, fetch_peer_spans
-from tests.processes import spawn_cli, start_peers
+from peer.local_swarm import spawn_cli, start_peers
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])

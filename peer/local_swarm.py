@@ -1,5 +1,9 @@
-"""Real swarm processes for tests: a bootstrap DHT node and peers started through the `swarm-peer` CLI."""
+"""A swarm on this machine: a bootstrap DHT node and peers, each a real `swarm-peer` process on loopback.
 
+Used by the demo, the benchmarks and the tests.
+"""
+
+import contextlib
 import os
 import queue
 import re
@@ -8,6 +12,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 START_TIMEOUT = 120.0
@@ -86,3 +91,17 @@ def start_peers(model_path: str, initial_peer: str, spans: list[str], *extra: st
         match = process.wait_for_line(r"peer (\S+) online: .* at (\S+),")
         handles.append(PeerHandle(process, match.group(1), match.group(2)))
     return handles
+
+
+@contextlib.contextmanager
+def local_swarm(model_path: str, spans: list[str], *peer_args: str) -> Iterator[str]:
+    """Bootstrap + one peer per span; yields the bootstrap multiaddr and stops everything on exit."""
+    node, address = start_bootstrap()
+    peers: list[PeerHandle] = []
+    try:
+        peers = start_peers(model_path, address, spans, *peer_args)
+        yield address
+    finally:
+        for peer in peers:
+            peer.process.stop()
+        node.stop()
