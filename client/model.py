@@ -6,7 +6,6 @@ through a RemoteSequential, and `generate` is `transformers`' own, with the KV c
 """
 
 import contextlib
-import copy
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -21,6 +20,7 @@ from swarm.blocks import serving_config
 from swarm.checkpoint import Checkpoint
 from swarm.errors import SwarmError
 from swarm.families import Family, family_for
+from swarm.model_loading import load_parts, meta_model, meta_tensors
 
 
 class RemotePastKeyValues(Cache):
@@ -48,10 +48,6 @@ class DistributedCausalLMMixin:
         self._active_session: InferenceSession | None = None
         self._implicit_session: InferenceSession | None = None
 
-    @property
-    def base(self) -> torch.nn.Module:
-        return getattr(self, self.family.base_prefix)
-
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -66,7 +62,7 @@ class DistributedCausalLMMixin:
     ) -> CausalLMOutputWithPast:
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("give exactly one of input_ids or inputs_embeds")
-        hidden = self.family.embed(self.base, input_ids) if inputs_embeds is None else inputs_embeds
+        hidden = self.family.embed(self, input_ids, position_ids) if inputs_embeds is None else inputs_embeds
         batch, length = hidden.shape[:2]
         if past_key_values is None:
             hidden = self.remote(hidden, position_ids, self._mask_columns(attention_mask, length, batch))
@@ -75,9 +71,9 @@ class DistributedCausalLMMixin:
             hidden = session.step(hidden, position_ids, self._mask_columns(attention_mask, length, batch))
         else:
             raise TypeError(f"past_key_values must come from an inference session, not {type(past_key_values)}")
-        hidden = self.family.final_norm(self.base, hidden)
+        hidden = self.family.final_norm(self, hidden)
         keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
-        logits = self.lm_head(hidden[:, keep, :])
+        logits = self.family.logits(self, hidden[:, keep, :])
         loss = None
         if labels is not None:
             loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
@@ -144,25 +140,21 @@ class AutoDistributedModelForCausalLM:
         **client_options,
     ):
         checkpoint = Checkpoint(model_path)
-        config = serving_config(checkpoint.config)
-        family = family_for(config)
+        family = family_for(checkpoint.config)
+        config = serving_config(checkpoint.config, family)
         dtype = dtype or checkpoint.checkpoint_dtype
         client_config = client_config or ClientConfig(initial_peers=list(initial_peers), **client_options)
         model_class = type(f"Distributed{family.causal_lm_class.__name__}", (DistributedCausalLMMixin, family.causal_lm_class), {})
-
-        local_config = copy.deepcopy(config)
-        local_config.num_hidden_layers = 0  # the blocks are remote; build the rest only
-        with torch.device("meta"):
-            model = model_class(local_config)
-        names = [name for name in checkpoint.weight_map if not name.startswith(f"{family.base_prefix}.layers.")]
-        state = checkpoint.load(names, dtype=dtype)
-        model.to_empty(device="cpu")
-        missing, unexpected = model.load_state_dict(state, strict=False)
-        if config.tie_word_embeddings or "lm_head.weight" in missing:
-            model.lm_head.weight = model.get_input_embeddings().weight
-            missing = [name for name in missing if name != "lm_head.weight"]
-        if missing or unexpected:
-            raise SwarmError(f"checkpoint does not fit the client model: missing {missing}, unexpected {unexpected}")
+        model = meta_model(family, config, num_layers=0, model_class=model_class)  # the blocks are remote
+        names = [name for name in checkpoint.weight_map if not name.startswith(f"{family.layers_prefix}.")]
+        load_parts(model, [model], checkpoint, names, dtype, "cpu")
+        head, embeddings = model.get_output_embeddings(), model.get_input_embeddings()
+        if head.weight.is_meta:  # tied embeddings: the checkpoint holds the matrix once
+            head.weight = embeddings.weight
+        missing = meta_tensors(model)
+        if missing:
+            raise SwarmError(f"checkpoint {checkpoint.path} lacks client-side tensors: {missing[:5]}")
         model.config = config  # the real number of blocks, for generate and for users
         model._attach_remote(family, RemoteSequential(checkpoint.model_prefix(), config.num_hidden_layers, client_config))
         return model.to(dtype).eval().requires_grad_(False)
+

@@ -7,6 +7,7 @@ from transformers.cache_utils import Cache, DynamicLayer
 
 from swarm.checkpoint import Checkpoint
 from swarm.families import Family, family_for
+from swarm.model_loading import load_parts, meta_model, meta_tensors
 
 
 class ReservedKVLayer(DynamicLayer):
@@ -93,20 +94,17 @@ class BlockSpan(nn.Module):
         cls, checkpoint: Checkpoint, start: int, end: int, dtype: torch.dtype, device: torch.device | str = "cpu"
     ) -> "BlockSpan":
         """Builds blocks [start, end) from only their own tensors; the rest of the model is never materialised."""
-        config = serving_config(checkpoint.config)
-        family = family_for(config)
+        family = family_for(checkpoint.config)
+        config = serving_config(checkpoint.config, family)
         if not 0 <= start < end <= config.num_hidden_layers:
             raise ValueError(f"blocks {start}:{end} are outside the model's 0:{config.num_hidden_layers}")
-        prefixes = [family.block_prefix(index) for index in range(start, end)]
-        names = [name for prefix in prefixes for name in checkpoint.names_with_prefix(prefix)]
-        tensors = checkpoint.load(names, dtype=dtype, progress=f"loading blocks {start}:{end}")
-        layers = []
-        for index, prefix in zip(range(start, end), prefixes):
-            with torch.device("meta"):
-                layer = family.make_layer(config, index)
-            state = {name[len(prefix) :]: tensors.pop(name).to(device) for name in list(tensors) if name.startswith(prefix)}
-            layer.load_state_dict(state, strict=True, assign=True)
-            layers.append(layer)
+        skeleton = meta_model(family, config, end)
+        layers = list(skeleton.get_submodule(family.layers_prefix)[start:end])
+        names = [name for index in range(start, end) for name in checkpoint.names_with_prefix(family.block_prefix(index))]
+        load_parts(skeleton, layers, checkpoint, names, dtype, device, progress=f"loading blocks {start}:{end}")
+        missing = [name for layer in layers for name in meta_tensors(layer)]
+        if missing:
+            raise ValueError(f"checkpoint {checkpoint.path} lacks tensors of blocks {start}:{end}: {missing[:5]}")
         span = cls(config, start, layers, family).to(device)
         return span.eval().requires_grad_(False)
 
@@ -119,18 +117,20 @@ class BlockSpan(nn.Module):
         blocks: slice = slice(None),
     ) -> torch.Tensor:
         """Runs `self.layers[blocks]`; `attention_mask` is 2-D over every position so far (cached and new)."""
+        indices = range(len(self.layers))[blocks]
         layer_inputs = self.family.layer_inputs(
-            self.config, self.position_encoder, hidden_states, position_ids, attention_mask, cache
+            self.config, self.position_encoder, hidden_states, position_ids, attention_mask, cache,
+            range(self.start + indices.start, self.start + indices.stop),
         )
-        for layer in self.layers[blocks]:
-            output = layer(hidden_states, **layer_inputs)
+        for index, inputs in zip(indices, layer_inputs):
+            output = self.layers[index](hidden_states, **inputs)
             hidden_states = output[0] if isinstance(output, tuple) else output
         return hidden_states
 
 
-def serving_config(config: PretrainedConfig) -> PretrainedConfig:
-    """The config peers and the reference both run with: SDPA attention, as local `transformers` picks by default."""
-    config._attn_implementation = "sdpa"
+def serving_config(config: PretrainedConfig, family: Family) -> PretrainedConfig:
+    """The config peers run with: the attention kernel local `transformers` would pick, so results match it."""
+    config._attn_implementation = family.attention_implementation(config)
     return config
 
 

@@ -1,11 +1,15 @@
 """Model families: how to build, feed and name the blocks of a decoder-only `transformers` architecture.
 
-A family that follows the standard decoder-layer interface of today's `transformers` (Llama, Mistral, Qwen2 and
-their many relatives) needs no code here: its classes are found from `config.model_type`. A family that does not
-is a small subclass of `Family` overriding only what differs.
+A family that follows the standard decoder-layer interface of today's `transformers` (Llama, Mistral, Qwen2/3,
+Phi-3, OLMo 2, Gemma 2/3, GPT-NeoX and their many relatives) needs no code here: its classes are found from
+`config.model_type`, and the per-layer inputs (attention masks by layer type, sliding windows, rotary embeddings,
+per-layer-type rotary) are computed the way its base model computes them. A family that does not follow that
+interface is a small subclass of `Family` overriding only what differs.
 """
 
+import copy
 import importlib
+import inspect
 from dataclasses import dataclass
 from functools import cached_property
 
@@ -13,38 +17,60 @@ import torch
 from torch import nn
 from transformers import PretrainedConfig
 from transformers.cache_utils import Cache
-from transformers.masking_utils import create_causal_mask
+from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
 from swarm.errors import UnsupportedModelError
 
+FULL_ATTENTION, SLIDING_ATTENTION = "full_attention", "sliding_attention"
+_MASK_FUNCTIONS = {FULL_ATTENTION: create_causal_mask, SLIDING_ATTENTION: create_sliding_window_causal_mask}
+_FINAL_NORM_NAMES = ("norm", "final_layer_norm", "final_layernorm", "ln_f")
+
 
 @dataclass(frozen=True)
 class Family:
-    """The standard decoder-only layout: `{base}.embed_tokens`, `{base}.layers.N`, `{base}.norm`, `lm_head`."""
+    """The standard decoder-only layout: `{base}.layers.N` blocks, embeddings and final norm on the base model."""
 
     model_type: str
-
-    @cached_property
-    def modeling_module(self):
-        return importlib.import_module(self.causal_lm_class.__module__)
 
     @cached_property
     def causal_lm_class(self) -> type:
         return getattr(importlib.import_module("transformers"), MODEL_FOR_CAUSAL_LM_MAPPING_NAMES[self.model_type])
 
     @cached_property
+    def modeling_module(self):
+        return importlib.import_module(self.causal_lm_class.__module__)
+
+    @cached_property
     def layer_class(self) -> type[nn.Module]:
         # `_no_split_modules` names the decoder layer class in every causal LM of `transformers`.
         return getattr(self.modeling_module, self.causal_lm_class._no_split_modules[0])
+
+    @cached_property
+    def cache_argument(self) -> str:
+        """How the decoder layer names its cache argument (`past_key_values`, or `layer_past` in older families)."""
+        parameters = inspect.signature(self.layer_class.forward).parameters
+        return next((name for name in ("past_key_values", "layer_past") if name in parameters), "past_key_values")
 
     @property
     def base_prefix(self) -> str:
         return self.causal_lm_class.base_model_prefix
 
+    @property
+    def layers_prefix(self) -> str:
+        """Where the blocks live in the checkpoint and in the model (`{prefix}.{index}.`)."""
+        return f"{self.base_prefix}.layers"
+
     def block_prefix(self, index: int) -> str:
-        """Prefix of block `index`'s tensors in the checkpoint."""
-        return f"{self.base_prefix}.layers.{index}."
+        return f"{self.layers_prefix}.{index}."
+
+    def attention_implementation(self, config: PretrainedConfig) -> str:
+        """The attention kernel local `transformers` picks for this config (sdpa, or eager where sdpa cannot do it)."""
+        probe_config = copy.deepcopy(config)
+        probe_config.num_hidden_layers = 0
+        with torch.device("meta"):
+            probe = self.causal_lm_class(probe_config)
+        return probe.config._attn_implementation
 
     def make_layer(self, config: PretrainedConfig, index: int) -> nn.Module:
         return self.layer_class(config, index)
@@ -55,6 +81,13 @@ class Family:
         rotary_class = getattr(self.modeling_module, f"{class_prefix}RotaryEmbedding", None)
         return None if rotary_class is None else rotary_class(config=config)
 
+    @staticmethod
+    def layer_type(config: PretrainedConfig, index: int) -> str:
+        layer_types = getattr(config, "layer_types", None)
+        if layer_types:
+            return layer_types[index]
+        return SLIDING_ATTENTION if getattr(config, "sliding_window", None) else FULL_ATTENTION
+
     def layer_inputs(
         self,
         config: PretrainedConfig,
@@ -63,27 +96,50 @@ class Family:
         position_ids: torch.Tensor,
         attention_mask: torch.Tensor,
         cache: Cache | None,
-    ) -> dict:
-        """Keyword arguments for every layer of a span, as the family's base model would compute them."""
-        mask = create_causal_mask(
-            config=config,
-            inputs_embeds=hidden_states,
-            attention_mask=attention_mask,
-            past_key_values=cache,
-            position_ids=position_ids,
-        )
-        inputs = dict(attention_mask=mask, position_ids=position_ids, past_key_values=cache, use_cache=cache is not None)
+        layer_indices: range,
+    ) -> list[dict]:
+        """Keyword arguments for each layer in `layer_indices`, as the family's base model would compute them."""
+        kinds = [self.layer_type(config, index) for index in layer_indices]
+        masks = {
+            kind: _MASK_FUNCTIONS[kind](
+                config=config,
+                inputs_embeds=hidden_states,
+                attention_mask=attention_mask,
+                past_key_values=cache,
+                position_ids=position_ids,
+            )
+            for kind in set(kinds)
+        }
+        rotary = {}
         if position_encoder is not None:
-            inputs["position_embeddings"] = position_encoder(hidden_states, position_ids=position_ids)
-        return inputs
+            per_kind = "layer_type" in inspect.signature(position_encoder.forward).parameters
+            for kind in set(kinds):
+                extra = (kind,) if per_kind else ()
+                rotary[kind] = position_encoder(hidden_states, position_ids, *extra)
+        shared = {"position_ids": position_ids, self.cache_argument: cache, "use_cache": cache is not None}
+        return [
+            dict(shared, attention_mask=masks[kind], **({"position_embeddings": rotary[kind]} if rotary else {}))
+            for kind in kinds
+        ]
 
     # Client side: the small parts of the model.
 
-    def embed(self, base_model: nn.Module, input_ids: torch.Tensor) -> torch.Tensor:
-        return base_model.embed_tokens(input_ids)
+    def embed(self, model: nn.Module, input_ids: torch.Tensor, position_ids: torch.Tensor | None) -> torch.Tensor:
+        return model.get_input_embeddings()(input_ids)
 
-    def final_norm(self, base_model: nn.Module, hidden_states: torch.Tensor) -> torch.Tensor:
-        return base_model.norm(hidden_states)
+    def final_norm(self, model: nn.Module, hidden_states: torch.Tensor) -> torch.Tensor:
+        base = getattr(model, self.base_prefix)
+        for name in _FINAL_NORM_NAMES:
+            if isinstance(getattr(base, name, None), nn.Module):
+                return getattr(base, name)(hidden_states)
+        raise UnsupportedModelError(f"{type(base).__name__} has no final norm named any of {_FINAL_NORM_NAMES}")
+
+    def logits(self, model: nn.Module, hidden_states: torch.Tensor) -> torch.Tensor:
+        logits = model.get_output_embeddings()(hidden_states)
+        softcap = getattr(model.config, "final_logit_softcapping", None)
+        if softcap is not None:
+            logits = torch.tanh(logits / softcap) * softcap
+        return logits
 
 
 def supported_model_types() -> list[str]:

@@ -1,0 +1,60 @@
+"""Building parts of a `transformers` model from a checkpoint without materialising the rest.
+
+The model is built on the meta device (free), then only the tensors asked for are read and loaded through
+`transformers`' own loading path, which converts legacy checkpoint layouts (e.g. per-expert MoE weights into fused
+expert tensors) exactly as `from_pretrained` would.
+"""
+
+import copy
+
+import torch
+from torch import nn
+from transformers import PretrainedConfig
+from transformers.conversion_mapping import get_model_conversion_mapping
+from transformers.core_model_loading import convert_and_load_state_dict_in_model
+from transformers.modeling_utils import LoadStateDictConfig
+
+from swarm.checkpoint import Checkpoint
+from swarm.families import Family
+
+
+def meta_model(family: Family, config: PretrainedConfig, num_layers: int, model_class: type | None = None) -> nn.Module:
+    """The family's causal LM (or `model_class`, a subclass of it) with `num_layers` blocks, on the meta device."""
+    config = copy.deepcopy(config)
+    config.num_hidden_layers = num_layers
+    with torch.device("meta"):
+        return (model_class or family.causal_lm_class)(config)
+
+
+def load_parts(
+    model: nn.Module,
+    parts: list[nn.Module],
+    checkpoint: Checkpoint,
+    names: list[str],
+    dtype: torch.dtype,
+    device: torch.device | str,
+    progress: str | None = None,
+) -> None:
+    """Loads the checkpoint tensors `names` into `model` and moves `parts` (the modules that will be used) to
+    `device`; see `meta_tensors` for what the checkpoint did not provide."""
+    for part in parts:
+        _init_non_persistent_buffers(model, part, device)
+    state = checkpoint.load(names, dtype=dtype, progress=progress)
+    load_config = LoadStateDictConfig(weight_mapping=get_model_conversion_mapping(model), dtype=dtype)
+    convert_and_load_state_dict_in_model(model, state, load_config)
+    for part in parts:
+        part.to(device)
+
+
+def meta_tensors(part: nn.Module) -> list[str]:
+    """Names of the tensors of `part` that nothing has loaded yet."""
+    return [name for name, tensor in part.state_dict(keep_vars=True).items() if tensor.is_meta]
+
+
+def _init_non_persistent_buffers(model: nn.Module, part: nn.Module, device: torch.device | str) -> None:
+    """Buffers that checkpoints do not hold (rotary frequencies, embedding scales, causal-mask buffers) get their
+    values from the model's own initialiser; parameters initialised on the way are overwritten by the checkpoint."""
+    for module in part.modules():
+        if module._non_persistent_buffers_set:
+            module.to_empty(device=device, recurse=False)
+            model._init_weights(module)
