@@ -101,7 +101,7 @@ class BlockSpan(nn.Module):
         skeleton = meta_model(family, config, end)
         layers = list(skeleton.get_submodule(family.layers_prefix)[start:end])
         names = [name for index in range(start, end) for name in checkpoint.names_with_prefix(family.block_prefix(index))]
-        load_parts(skeleton, layers, checkpoint, names, dtype, device, progress=f"loading blocks {start}:{end}")
+        load_parts(skeleton, family, layers, checkpoint, names, dtype, device, progress=f"loading blocks {start}:{end}")
         missing = [name for layer in layers for name in meta_tensors(layer)]
         if missing:
             raise ValueError(f"checkpoint {checkpoint.path} lacks tensors of blocks {start}:{end}: {missing[:5]}")

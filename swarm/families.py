@@ -10,6 +10,7 @@ interface is a small subclass of `Family` overriding only what differs.
 import copy
 import importlib
 import inspect
+import math
 from dataclasses import dataclass
 from functools import cached_property
 
@@ -142,15 +143,78 @@ class Family:
         return logits
 
 
-def supported_model_types() -> list[str]:
-    return sorted(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES)
+class GPT2Family(Family):
+    """Blocks in `transformer.h`; learned absolute positions are added to the embeddings on the client."""
+
+    @property
+    def layers_prefix(self) -> str:
+        return f"{self.base_prefix}.h"
+
+    def embed(self, model: nn.Module, input_ids: torch.Tensor, position_ids: torch.Tensor | None) -> torch.Tensor:
+        if position_ids is None:
+            position_ids = torch.arange(input_ids.shape[1], device=input_ids.device)[None]
+        base = getattr(model, self.base_prefix)
+        return base.wte(input_ids) + base.wpe(position_ids)
+
+
+class BloomFamily(GPT2Family):
+    """ALiBi: every block gets a bias built from the 2-D attention mask; embeddings have their own layer norm."""
+
+    def layer_inputs(self, config, position_encoder, hidden_states, position_ids, attention_mask, cache, layer_indices):
+        from transformers.models.bloom.modeling_bloom import build_alibi_tensor
+
+        inputs = super().layer_inputs(config, None, hidden_states, position_ids, attention_mask, cache, layer_indices)
+        alibi = build_alibi_tensor(attention_mask, config.n_head, dtype=hidden_states.dtype)
+        return [dict(layer, alibi=alibi) for layer in inputs]
+
+    def embed(self, model: nn.Module, input_ids: torch.Tensor, position_ids: torch.Tensor | None) -> torch.Tensor:
+        base = getattr(model, self.base_prefix)
+        return base.word_embeddings_layernorm(base.word_embeddings(input_ids))
+
+
+class FalconFamily(GPT2Family):
+    """Rotary or ALiBi (folded into a materialised float mask, as FalconModel does)."""
+
+    def layer_inputs(self, config, position_encoder, hidden_states, position_ids, attention_mask, cache, layer_indices):
+        from transformers.models.falcon.modeling_falcon import build_alibi_tensor
+
+        mask = create_causal_mask(
+            config=config, inputs_embeds=hidden_states, attention_mask=attention_mask,
+            past_key_values=cache, allow_is_causal_skip=False,
+        )
+        alibi = None
+        if config.alibi:
+            alibi = build_alibi_tensor(attention_mask, config.num_attention_heads, dtype=hidden_states.dtype)
+            lowest = torch.finfo(hidden_states.dtype).min
+            if mask.dtype == torch.bool:
+                mask = torch.where(mask, torch.zeros((), dtype=hidden_states.dtype), lowest)
+            alibi = alibi.reshape(hidden_states.shape[0], -1, *alibi.shape[1:])
+            mask = torch.masked_fill(alibi / math.sqrt(config.hidden_size // config.num_attention_heads), mask < -1, lowest)
+        layer = {
+            "attention_mask": mask, "alibi": alibi, "position_ids": position_ids, "layer_past": cache,
+            "use_cache": cache is not None, "position_embeddings": position_encoder(hidden_states, position_ids=position_ids),
+        }
+        return [layer] * len(layer_indices)
+
+    def embed(self, model: nn.Module, input_ids: torch.Tensor, position_ids: torch.Tensor | None) -> torch.Tensor:
+        return model.get_input_embeddings()(input_ids)
+
+
+# Families whose base model does more than the standard interface; every other causal LM uses `Family`.
+ADAPTED_FAMILIES: dict[str, type[Family]] = {"gpt2": GPT2Family, "bloom": BloomFamily, "falcon": FalconFamily}
+
+# Proven by tests/test_families.py against local transformers.
+TESTED_FAMILIES = (
+    "llama", "mistral", "qwen2", "qwen3", "mixtral", "qwen3_moe", "gemma2", "gemma3_text", "phi3", "olmo2",
+    "gpt_neox", "falcon", "bloom", "gpt2",
+)
 
 
 def family_for(config: PretrainedConfig) -> Family:
     model_type = config.model_type
     if model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
         raise UnsupportedModelError(
-            f"model_type {model_type!r} is not a decoder-only causal LM of transformers; supported: "
-            + ", ".join(supported_model_types())
+            f"model_type {model_type!r} is not a decoder-only causal LM of transformers; families tested with Swarm: "
+            f"{', '.join(TESTED_FAMILIES)} (other causal LMs that follow the standard decoder-layer interface work too)"
         )
-    return Family(model_type)
+    return ADAPTED_FAMILIES.get(model_type, Family)(model_type)

@@ -28,6 +28,7 @@ def meta_model(family: Family, config: PretrainedConfig, num_layers: int, model_
 
 def load_parts(
     model: nn.Module,
+    family: Family,
     parts: list[nn.Module],
     checkpoint: Checkpoint,
     names: list[str],
@@ -35,15 +36,15 @@ def load_parts(
     device: torch.device | str,
     progress: str | None = None,
 ) -> None:
-    """Loads the checkpoint tensors `names` into `model` and moves `parts` (the modules that will be used) to
-    `device`; see `meta_tensors` for what the checkpoint did not provide."""
+    """Loads the checkpoint tensors `names` into `model`, `parts` being the modules that will be used (their
+    buffers are made on `device`); see `meta_tensors` for what the checkpoint did not provide."""
     for part in parts:
         _init_non_persistent_buffers(model, part, device)
     state = checkpoint.load(names, dtype=dtype, progress=progress)
-    load_config = LoadStateDictConfig(weight_mapping=get_model_conversion_mapping(model), dtype=dtype)
+    # transformers looks conversions up by class name: a subclass (the client's model) must use its parent's.
+    conversion_model = model if type(model) is family.causal_lm_class else meta_model(family, model.config, 0)
+    load_config = LoadStateDictConfig(weight_mapping=get_model_conversion_mapping(conversion_model), dtype=dtype)
     convert_and_load_state_dict_in_model(model, state, load_config)
-    for part in parts:
-        part.to(device)
 
 
 def meta_tensors(part: nn.Module) -> list[str]:
