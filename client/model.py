@@ -16,6 +16,7 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 from client.config import ClientConfig
 from client.inference_session import InferenceSession
 from client.remote_sequential import RemoteSequential
+from client.tuning import PromptTuning, RemoteLoRA
 from swarm.blocks import serving_config
 from swarm.checkpoint import Checkpoint
 from swarm.errors import SwarmError
@@ -47,6 +48,24 @@ class DistributedCausalLMMixin:
         self.family, self.remote = family, remote
         self._active_session: InferenceSession | None = None
         self._implicit_session: InferenceSession | None = None
+        self.prompt_tuning: PromptTuning | None = None
+        self.lora: RemoteLoRA | None = None
+
+    def _attach_tuning(self, mode: str | None, num_prefix_tokens: int, lora_config) -> None:
+        if mode in ("ptune", "deep_ptune"):
+            self.prompt_tuning = PromptTuning(
+                num_prefix_tokens, self.config.hidden_size, self.config.num_hidden_layers, mode == "deep_ptune", self.dtype
+            )
+        elif mode == "lora":
+            if lora_config is None:
+                raise ValueError("tuning_mode='lora' needs lora_config=peft.LoraConfig(r=..., lora_alpha=..., target_modules=[...])")
+            targets = lora_config.target_modules
+            self.lora = RemoteLoRA(
+                self.family, self.config, lora_config.r, lora_config.lora_alpha,
+                [targets] if isinstance(targets, str) else sorted(targets), self.dtype,
+            )
+        elif mode is not None:
+            raise ValueError(f"tuning_mode must be None, 'ptune', 'deep_ptune' or 'lora', not {mode!r}")
 
     def forward(
         self,
@@ -64,8 +83,17 @@ class DistributedCausalLMMixin:
             raise ValueError("give exactly one of input_ids or inputs_embeds")
         hidden = self.family.embed(self, input_ids, position_ids) if inputs_embeds is None else inputs_embeds
         batch, length = hidden.shape[:2]
+        prefix = 0
         if past_key_values is None:
-            hidden = self.remote(hidden, position_ids, self._mask_columns(attention_mask, length, batch))
+            mask = self._mask_columns(attention_mask, length, batch)
+            deep_prompts = None
+            if self.prompt_tuning is not None:
+                hidden, position_ids, mask, labels = self._prepend_prompts(hidden, position_ids, mask, labels)
+                deep_prompts, prefix = self.prompt_tuning.batch_deep_prompts(batch), self.prompt_tuning.num_prefix_tokens
+            lora = self.lora.factors() if self.lora is not None else None
+            hidden = self.remote(hidden, position_ids, mask, deep_prompts, lora, self.lora.scaling if self.lora else 1.0)
+        elif self.prompt_tuning is not None or self.lora is not None:
+            raise NotImplementedError("generation with a tuned model (prompts or LoRA) is not supported yet")
         elif isinstance(past_key_values, RemotePastKeyValues):
             session = past_key_values.session
             hidden = session.step(hidden, position_ids, self._mask_columns(attention_mask, length, batch))
@@ -75,9 +103,25 @@ class DistributedCausalLMMixin:
         keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
         logits = self.family.logits(self, hidden[:, keep, :])
         loss = None
-        if labels is not None:
+        if labels is not None:  # with prompts, the last prompt position predicts the first token (its label is kept)
             loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
+        logits = logits[:, prefix:] if logits.shape[1] > prefix else logits
         return CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=past_key_values)
+
+    def _prepend_prompts(self, hidden, position_ids, mask, labels):
+        """Puts the trainable prompts before every sequence; positions, mask and labels make room for them."""
+        batch, length = hidden.shape[:2]
+        prefix = self.prompt_tuning.num_prefix_tokens
+        prompts = self.prompt_tuning.prompts.to(hidden.dtype).expand(batch, -1, -1)
+        hidden = torch.cat([prompts, hidden], dim=1)
+        if position_ids is None:
+            position_ids = torch.arange(length).expand(batch, length)
+        position_ids = torch.cat([torch.arange(prefix).expand(batch, prefix), position_ids + prefix], dim=1)
+        if mask is not None:
+            mask = torch.cat([torch.ones(batch, prefix, dtype=torch.bool), mask], dim=1)
+        if labels is not None:
+            labels = torch.cat([torch.full((batch, prefix), -100, dtype=labels.dtype), labels], dim=1)
+        return hidden, position_ids, mask, labels
 
     @staticmethod
     def _mask_columns(attention_mask: torch.Tensor | None, length: int, batch: int) -> torch.Tensor | None:
@@ -137,8 +181,15 @@ class AutoDistributedModelForCausalLM:
         initial_peers: list[str] | tuple[str, ...] = (),
         dtype: torch.dtype | None = None,
         client_config: ClientConfig | None = None,
+        tuning_mode: str | None = None,
+        num_prefix_tokens: int = 16,
+        lora_config=None,
         **client_options,
     ):
+        """`tuning_mode`: None (frozen), "ptune", "deep_ptune" (`num_prefix_tokens` trainable prompts) or "lora"
+        (client-owned LoRA on the remote blocks, shaped by a `peft.LoraConfig`); the tuned parameters are the only
+        ones with requires_grad, so `torch.optim.AdamW(p for p in model.parameters() if p.requires_grad)` trains them.
+        """
         checkpoint = Checkpoint(model_path)
         family = family_for(checkpoint.config)
         config = serving_config(checkpoint.config, family)
@@ -156,5 +207,7 @@ class AutoDistributedModelForCausalLM:
             raise SwarmError(f"checkpoint {checkpoint.path} lacks client-side tensors: {missing[:5]}")
         model.config = config  # the real number of blocks, for generate and for users
         model._attach_remote(family, RemoteSequential(checkpoint.model_prefix(), config.num_hidden_layers, client_config))
-        return model.to(dtype).eval().requires_grad_(False)
+        model = model.to(dtype).eval().requires_grad_(False)
+        model._attach_tuning(tuning_mode, num_prefix_tokens, lora_config)
+        return model
 

@@ -1,4 +1,6 @@
-"""RemoteSequential: a torch module standing for a range of the model's blocks, run by peers of the swarm."""
+"""RemoteSequential: a differentiable torch module standing for a range of the model's blocks, run by peers."""
+
+import math
 
 import grpc
 import torch
@@ -10,8 +12,11 @@ from client.swarm_view import SwarmView
 from client.transport import PeerConnections
 from swarm import tensors
 from swarm.errors import RemoteError
+from swarm.routing import Hop
 from swarm.tensors import DTYPES
 from swarm.wire import swarm_peer_pb2 as pb
+
+LoRAFactors = dict[str, tuple[torch.Tensor, torch.Tensor]]  # "{block}.{module path}" -> (A [r, in], B [out, r])
 
 
 class RemoteSequential(nn.Module):
@@ -36,32 +41,48 @@ class RemoteSequential(nn.Module):
         hidden_states: torch.Tensor,
         position_ids: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
+        deep_prompts: torch.Tensor | None = None,
+        lora: LoRAFactors | None = None,
+        lora_scaling: float = 1.0,
     ) -> torch.Tensor:
-        """Stateless pass through every block: [batch, seq, hidden] in, the same out."""
+        """Stateless pass through every block, differentiable with respect to the hidden states, the deep prompts
+        ([num_blocks, batch, prefix, hidden], added to the first positions before each block) and the LoRA factors.
+
+        Batches larger than what fits in one message are split into sub-batches.
+        """
         batch, length = hidden_states.shape[:2]
         if position_ids is None:
             position_ids = torch.arange(length).expand(batch, length)
         if attention_mask is None:
             attention_mask = torch.ones(batch, length, dtype=torch.bool)
-        output_dtype = hidden_states.dtype
-        encoded_positions = tensors.encode(position_ids.cpu().long())
-        encoded_mask = tensors.encode(attention_mask.cpu().bool())
-        for hop in self.view.chain(self.start_block, self.end_block):
-            request = pb.ForwardRequest(
-                start_block=hop.start,
-                end_block=hop.end,
-                hidden_states=tensors.encode(hidden_states.to(DTYPES[hop.peer.record.dtype])),
-                position_ids=encoded_positions,
-                attention_mask=encoded_mask,
-            )
-            try:
-                response = self.connections.stub(hop.peer.record.address).Forward(
-                    request, timeout=self.config.request_timeout
+        sub_batch = self._sub_batch_size(hidden_states)
+        outputs = []
+        for first in range(0, batch, sub_batch):
+            rows = slice(first, first + sub_batch)
+            hidden = hidden_states[rows]
+            for hop in self.view.chain(self.start_block, self.end_block):
+                prompts = None
+                if deep_prompts is not None:
+                    prompts = deep_prompts[hop.start - self.start_block : hop.end - self.start_block, rows]
+                hop_lora = {name: pair for name, pair in (lora or {}).items() if hop.start <= int(name.split(".")[0]) < hop.end}
+                names = list(hop_lora)
+                flat_lora = [tensor for name in names for tensor in hop_lora[name]]
+                hidden = _RemoteHop.apply(
+                    self, hop, hidden, position_ids[rows], attention_mask[rows], prompts, names, lora_scaling, *flat_lora
                 )
-            except grpc.RpcError as error:
-                raise RemoteError(hop.peer.peer_id, error.code().name, error.details() or "") from None
-            hidden_states = tensors.decode(response.hidden_states)
-        return hidden_states.to(output_dtype)
+            outputs.append(hidden)
+        return torch.cat(outputs) if len(outputs) > 1 else outputs[0]
+
+    def _sub_batch_size(self, hidden_states: torch.Tensor) -> int:
+        """Rows per request so that a request's activations stay within a quarter of the message limit."""
+        row_bytes = math.prod(hidden_states.shape[1:]) * max(hidden_states.element_size(), 4)
+        return max(1, self.config.max_message_bytes // 4 // max(row_bytes, 1))
+
+    def call(self, hop: Hop, method: str, request):
+        try:
+            return getattr(self.connections.stub(hop.peer.record.address), method)(request, timeout=self.config.request_timeout)
+        except grpc.RpcError as error:
+            raise RemoteError(hop.peer.peer_id, error.code().name, error.details() or "") from None
 
     def inference_session(self, max_length: int) -> InferenceSession:
         return InferenceSession(self, max_length)
@@ -69,3 +90,42 @@ class RemoteSequential(nn.Module):
     def close(self) -> None:
         self.connections.close()
         self.view.shutdown()
+
+
+class _RemoteHop(torch.autograd.Function):
+    """One hop of a chain: Forward on the way in; on the way back, Backward with the same request."""
+
+    @staticmethod
+    def forward(ctx, remote, hop, hidden, position_ids, attention_mask, prompts, lora_names, lora_scaling, *lora_tensors):
+        dtype = DTYPES[hop.peer.record.dtype]
+        request = pb.ForwardRequest(
+            start_block=hop.start,
+            end_block=hop.end,
+            hidden_states=tensors.encode(hidden.to(dtype)),
+            position_ids=tensors.encode(position_ids.cpu().long()),
+            attention_mask=tensors.encode(attention_mask.cpu().bool()),
+        )
+        if prompts is not None:
+            request.deep_prompts.CopyFrom(tensors.encode(prompts.to(dtype)))
+        for index, name in enumerate(lora_names):
+            for kind, tensor in zip(("lora_A", "lora_B"), lora_tensors[2 * index : 2 * index + 2]):
+                request.lora.add(name=f"{name}.{kind}", tensor=tensors.encode(tensor.to(dtype)))
+        if lora_names:
+            request.lora_scaling = lora_scaling
+        ctx.remote, ctx.hop, ctx.request = remote, hop, request
+        ctx.dtypes = (hidden.dtype, None if prompts is None else prompts.dtype, [t.dtype for t in lora_tensors])
+        response = remote.call(hop, "Forward", request)
+        return tensors.decode(response.hidden_states).to(hidden.dtype)
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        hidden_dtype, prompts_dtype, lora_dtypes = ctx.dtypes
+        peer_dtype = DTYPES[ctx.hop.peer.record.dtype]
+        request = pb.BackwardRequest(inputs=ctx.request, grad_outputs=tensors.encode(grad_output.to(peer_dtype)))
+        response = ctx.remote.call(ctx.hop, "Backward", request)
+        grad_hidden = tensors.decode(response.grad_hidden_states).to(hidden_dtype)
+        grad_prompts = None
+        if prompts_dtype is not None:
+            grad_prompts = tensors.decode(response.grad_deep_prompts).to(prompts_dtype)
+        grad_lora = [tensors.decode(item.tensor).to(dtype) for item, dtype in zip(response.grad_lora, lora_dtypes)]
+        return (None, None, grad_hidden, None, None, grad_prompts, None, None, *grad_lora)

@@ -10,6 +10,7 @@ import torch
 from peer.memory_pool import CacheExhaustedError, CachePool
 from peer.runtime import PRIORITY_FORWARD, PRIORITY_INFERENCE, ComputeRuntime
 from peer.sessions import InferenceSessionState
+from peer.training import decode_grad_outputs, decode_job, run_backward, run_forward
 from peer.validation import InvalidRequest, check_block_range, decode_span_inputs, decode_tensor
 from swarm import tensors
 from swarm.blocks import BlockSpan
@@ -62,20 +63,19 @@ class SwarmPeerServicer(pb_grpc.SwarmPeerServicer):
 
     async def Forward(self, request: pb.ForwardRequest, context) -> pb.ForwardResponse:
         try:
-            check_block_range(request.start_block, request.end_block, self.span.start, self.span.end)
-            inputs = decode_span_inputs(
-                request.hidden_states, request.position_ids, request.attention_mask,
-                self.hidden_size, self.dtype, batch_size=None, first_position=0,
-            )
+            job = decode_job(request, self.span, self.dtype)
         except InvalidRequest as error:
             await context.abort(getattr(grpc.StatusCode, error.code), str(error))
-        blocks = slice(request.start_block - self.span.start, request.end_block - self.span.start)
-        output = await self.runtime.run(PRIORITY_FORWARD, self._forward, inputs, blocks)
+        output = await self.runtime.run(PRIORITY_FORWARD, run_forward, self.span, job)
         return pb.ForwardResponse(hidden_states=tensors.encode(output))
 
-    def _forward(self, inputs, blocks: slice) -> torch.Tensor:
-        with torch.inference_mode():
-            return self.span(inputs.hidden_states, inputs.position_ids, inputs.attention_mask, blocks=blocks)
+    async def Backward(self, request: pb.BackwardRequest, context) -> pb.BackwardResponse:
+        try:
+            job = decode_job(request.inputs, self.span, self.dtype)
+            grad_outputs = decode_grad_outputs(request.grad_outputs, job)
+        except InvalidRequest as error:
+            await context.abort(getattr(grpc.StatusCode, error.code), str(error))
+        return await self.runtime.run(PRIORITY_FORWARD, run_backward, self.span, job, grad_outputs)
 
     async def Inference(self, request_iterator, context) -> AsyncIterator[pb.InferenceResponse]:
         requests = aiter(request_iterator)

@@ -115,14 +115,21 @@ class BlockSpan(nn.Module):
         attention_mask: torch.Tensor,
         cache: SpanCache | None = None,
         blocks: slice = slice(None),
+        deep_prompts: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Runs `self.layers[blocks]`; `attention_mask` is 2-D over every position so far (cached and new)."""
+        """Runs `self.layers[blocks]`; `attention_mask` is 2-D over every position so far (cached and new).
+
+        `deep_prompts[k]` ([batch, prefix, hidden]) is added to the first `prefix` positions before the k-th block run.
+        """
         indices = range(len(self.layers))[blocks]
         layer_inputs = self.family.layer_inputs(
             self.config, self.position_encoder, hidden_states, position_ids, attention_mask, cache,
             range(self.start + indices.start, self.start + indices.stop),
         )
-        for index, inputs in zip(indices, layer_inputs):
+        for step, (index, inputs) in enumerate(zip(indices, layer_inputs)):
+            if deep_prompts is not None:
+                prefix = deep_prompts.shape[2]
+                hidden_states = torch.cat([hidden_states[:, :prefix] + deep_prompts[step], hidden_states[:, prefix:]], dim=1)
             output = self.layers[index](hidden_states, **inputs)
             hidden_states = output[0] if isinstance(output, tuple) else output
         return hidden_states

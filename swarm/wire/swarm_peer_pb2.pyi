@@ -122,22 +122,54 @@ class InferenceResponse(_message.Message):
     error: StepError
     def __init__(self, opened: _Optional[_Union[SessionOpened, _Mapping]] = ..., result: _Optional[_Union[StepResult, _Mapping]] = ..., error: _Optional[_Union[StepError, _Mapping]] = ...) -> None: ...
 
+class NamedTensor(_message.Message):
+    __slots__ = ("name", "tensor")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    TENSOR_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    tensor: Tensor
+    def __init__(self, name: _Optional[str] = ..., tensor: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
+
 class ForwardRequest(_message.Message):
-    __slots__ = ("start_block", "end_block", "hidden_states", "position_ids", "attention_mask")
+    __slots__ = ("start_block", "end_block", "hidden_states", "position_ids", "attention_mask", "deep_prompts", "lora", "lora_scaling")
     START_BLOCK_FIELD_NUMBER: _ClassVar[int]
     END_BLOCK_FIELD_NUMBER: _ClassVar[int]
     HIDDEN_STATES_FIELD_NUMBER: _ClassVar[int]
     POSITION_IDS_FIELD_NUMBER: _ClassVar[int]
     ATTENTION_MASK_FIELD_NUMBER: _ClassVar[int]
+    DEEP_PROMPTS_FIELD_NUMBER: _ClassVar[int]
+    LORA_FIELD_NUMBER: _ClassVar[int]
+    LORA_SCALING_FIELD_NUMBER: _ClassVar[int]
     start_block: int
     end_block: int
     hidden_states: Tensor
     position_ids: Tensor
     attention_mask: Tensor
-    def __init__(self, start_block: _Optional[int] = ..., end_block: _Optional[int] = ..., hidden_states: _Optional[_Union[Tensor, _Mapping]] = ..., position_ids: _Optional[_Union[Tensor, _Mapping]] = ..., attention_mask: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
+    deep_prompts: Tensor
+    lora: _containers.RepeatedCompositeFieldContainer[NamedTensor]
+    lora_scaling: float
+    def __init__(self, start_block: _Optional[int] = ..., end_block: _Optional[int] = ..., hidden_states: _Optional[_Union[Tensor, _Mapping]] = ..., position_ids: _Optional[_Union[Tensor, _Mapping]] = ..., attention_mask: _Optional[_Union[Tensor, _Mapping]] = ..., deep_prompts: _Optional[_Union[Tensor, _Mapping]] = ..., lora: _Optional[_Iterable[_Union[NamedTensor, _Mapping]]] = ..., lora_scaling: _Optional[float] = ...) -> None: ...
 
 class ForwardResponse(_message.Message):
     __slots__ = ("hidden_states",)
     HIDDEN_STATES_FIELD_NUMBER: _ClassVar[int]
     hidden_states: Tensor
     def __init__(self, hidden_states: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
+
+class BackwardRequest(_message.Message):
+    __slots__ = ("inputs", "grad_outputs")
+    INPUTS_FIELD_NUMBER: _ClassVar[int]
+    GRAD_OUTPUTS_FIELD_NUMBER: _ClassVar[int]
+    inputs: ForwardRequest
+    grad_outputs: Tensor
+    def __init__(self, inputs: _Optional[_Union[ForwardRequest, _Mapping]] = ..., grad_outputs: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
+
+class BackwardResponse(_message.Message):
+    __slots__ = ("grad_hidden_states", "grad_deep_prompts", "grad_lora")
+    GRAD_HIDDEN_STATES_FIELD_NUMBER: _ClassVar[int]
+    GRAD_DEEP_PROMPTS_FIELD_NUMBER: _ClassVar[int]
+    GRAD_LORA_FIELD_NUMBER: _ClassVar[int]
+    grad_hidden_states: Tensor
+    grad_deep_prompts: Tensor
+    grad_lora: _containers.RepeatedCompositeFieldContainer[NamedTensor]
+    def __init__(self, grad_hidden_states: _Optional[_Union[Tensor, _Mapping]] = ..., grad_deep_prompts: _Optional[_Union[Tensor, _Mapping]] = ..., grad_lora: _Optional[_Iterable[_Union[NamedTensor, _Mapping]]] = ...) -> None: ...

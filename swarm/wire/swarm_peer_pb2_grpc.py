@@ -49,6 +49,11 @@ class SwarmPeerStub:
                 request_serializer=swarm_dot_wire_dot_swarm__peer__pb2.ForwardRequest.SerializeToString,
                 response_deserializer=swarm_dot_wire_dot_swarm__peer__pb2.ForwardResponse.FromString,
                 _registered_method=True)
+        self.Backward = channel.unary_unary(
+                '/swarm.SwarmPeer/Backward',
+                request_serializer=swarm_dot_wire_dot_swarm__peer__pb2.BackwardRequest.SerializeToString,
+                response_deserializer=swarm_dot_wire_dot_swarm__peer__pb2.BackwardResponse.FromString,
+                _registered_method=True)
 
 
 class SwarmPeerServicer:
@@ -72,6 +77,12 @@ class SwarmPeerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Backward(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_SwarmPeerServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -89,6 +100,11 @@ def add_SwarmPeerServicer_to_server(servicer, server):
                     servicer.Forward,
                     request_deserializer=swarm_dot_wire_dot_swarm__peer__pb2.ForwardRequest.FromString,
                     response_serializer=swarm_dot_wire_dot_swarm__peer__pb2.ForwardResponse.SerializeToString,
+            ),
+            'Backward': grpc.unary_unary_rpc_method_handler(
+                    servicer.Backward,
+                    request_deserializer=swarm_dot_wire_dot_swarm__peer__pb2.BackwardRequest.FromString,
+                    response_serializer=swarm_dot_wire_dot_swarm__peer__pb2.BackwardResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -172,6 +188,33 @@ class SwarmPeer:
             '/swarm.SwarmPeer/Forward',
             swarm_dot_wire_dot_swarm__peer__pb2.ForwardRequest.SerializeToString,
             swarm_dot_wire_dot_swarm__peer__pb2.ForwardResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Backward(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/swarm.SwarmPeer/Backward',
+            swarm_dot_wire_dot_swarm__peer__pb2.BackwardRequest.SerializeToString,
+            swarm_dot_wire_dot_swarm__peer__pb2.BackwardResponse.FromString,
             options,
             channel_credentials,
             insecure,

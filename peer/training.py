@@ -1,0 +1,134 @@
+"""Stateless forward and backward through a span, with the client's trainable tensors (deep prompts, LoRA).
+
+Peers keep their weights frozen and keep nothing between calls: backward recomputes the forward pass with
+gradients enabled for the inputs and the tensors the client sent, then returns their gradients.
+"""
+
+import contextlib
+from dataclasses import dataclass, field
+
+import torch
+
+from peer.lora import lora_applied, lora_target
+from peer.validation import InvalidRequest, SpanInputs, check_block_range, decode_span_inputs, decode_tensor
+from swarm import tensors
+from swarm.blocks import BlockSpan
+from swarm.wire import swarm_peer_pb2 as pb
+
+MAX_LORA_RANK = 1024
+
+
+@dataclass
+class SpanJob:
+    inputs: SpanInputs
+    blocks: slice  # of span.layers
+    deep_prompts: torch.Tensor | None = None
+    lora: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+    lora_scaling: float = 1.0
+
+
+def decode_job(request: pb.ForwardRequest, span: BlockSpan, dtype: torch.dtype) -> SpanJob:
+    check_block_range(request.start_block, request.end_block, span.start, span.end)
+    inputs = decode_span_inputs(
+        request.hidden_states, request.position_ids, request.attention_mask,
+        span.config.hidden_size, dtype, batch_size=None, first_position=0,
+    )
+    job = SpanJob(inputs, slice(request.start_block - span.start, request.end_block - span.start))
+    batch, length, hidden_size = inputs.hidden_states.shape
+    if tensors.is_set(request.deep_prompts):
+        prompts = decode_tensor(request.deep_prompts, "deep_prompts")
+        blocks = request.end_block - request.start_block
+        if prompts.ndim != 4 or list(prompts.shape[:2]) != [blocks, batch] or prompts.shape[3] != hidden_size:
+            raise InvalidRequest(f"deep_prompts must be [{blocks}, {batch}, prefix, {hidden_size}], got {list(prompts.shape)}")
+        if not 0 < prompts.shape[2] <= length:
+            raise InvalidRequest(f"deep_prompts cover {prompts.shape[2]} positions of a {length}-token sequence")
+        _check_trainable(prompts, dtype, "deep_prompts")
+        job.deep_prompts = prompts
+    factors: dict[str, dict[str, torch.Tensor]] = {}
+    for named in request.lora:
+        target, _, kind = named.name.rpartition(".")
+        if kind not in ("lora_A", "lora_B") or kind in factors.setdefault(target, {}):
+            raise InvalidRequest(f"LoRA tensor names end in .lora_A or .lora_B, once each; got {named.name!r}")
+        factors[target][kind] = decode_tensor(named.tensor, named.name)
+    for target, pair in factors.items():
+        job.lora[target] = _checked_lora(span, request, target, pair, dtype)
+    if factors:
+        if not 0 < abs(request.lora_scaling) < 1e4:
+            raise InvalidRequest(f"lora_scaling {request.lora_scaling} is out of range")
+        job.lora_scaling = request.lora_scaling
+    return job
+
+
+def _checked_lora(span: BlockSpan, request: pb.ForwardRequest, target: str, pair: dict, dtype) -> tuple:
+    if set(pair) != {"lora_A", "lora_B"}:
+        raise InvalidRequest(f"LoRA target {target!r} needs both lora_A and lora_B")
+    try:
+        module = lora_target(span, target)
+    except ValueError as error:
+        raise InvalidRequest(str(error), "OUT_OF_RANGE") from None
+    if not request.start_block <= int(target.split(".")[0]) < request.end_block:
+        raise InvalidRequest(f"LoRA target {target!r} is outside the requested blocks", "OUT_OF_RANGE")
+    lora_a, lora_b = pair["lora_A"], pair["lora_B"]
+    rank = lora_a.shape[0] if lora_a.ndim == 2 else -1
+    if not 0 < rank <= MAX_LORA_RANK or list(lora_a.shape) != [rank, module.in_features] or list(lora_b.shape) != [module.out_features, rank]:
+        raise InvalidRequest(
+            f"LoRA {target!r}: lora_A must be [rank, {module.in_features}] and lora_B [{module.out_features}, rank], "
+            f"got {list(lora_a.shape)} and {list(lora_b.shape)}"
+        )
+    _check_trainable(lora_a, dtype, f"{target}.lora_A")
+    _check_trainable(lora_b, dtype, f"{target}.lora_B")
+    return lora_a, lora_b
+
+
+def _check_trainable(tensor: torch.Tensor, dtype: torch.dtype, what: str) -> None:
+    if tensor.dtype != dtype:
+        raise InvalidRequest(f"{what} must be {dtype} (this peer's dtype), got {tensor.dtype}")
+    if not torch.isfinite(tensor).all():
+        raise InvalidRequest(f"{what} contains NaN or Inf")
+
+
+def decode_grad_outputs(message: pb.Tensor, job: SpanJob) -> torch.Tensor:
+    grad = decode_tensor(message, "grad_outputs")
+    expected = job.inputs.hidden_states
+    if grad.shape != expected.shape or grad.dtype != expected.dtype:
+        raise InvalidRequest(f"grad_outputs must be {expected.dtype} {list(expected.shape)}, got {grad.dtype} {list(grad.shape)}")
+    if not torch.isfinite(grad).all():
+        raise InvalidRequest("grad_outputs contain NaN or Inf")
+    return grad
+
+
+def run_forward(span: BlockSpan, job: SpanJob) -> torch.Tensor:
+    with torch.inference_mode(), _lora(span, job):
+        return _run(span, job, job.inputs.hidden_states, job.deep_prompts)
+
+
+def run_backward(span: BlockSpan, job: SpanJob, grad_outputs: torch.Tensor) -> pb.BackwardResponse:
+    """Recomputes the forward pass with gradients on; returns the gradients of everything the client sent."""
+    with torch.enable_grad():
+        hidden = job.inputs.hidden_states.clone().requires_grad_(True)
+        prompts = None if job.deep_prompts is None else job.deep_prompts.clone().requires_grad_(True)
+        lora = {name: tuple(t.clone().requires_grad_(True) for t in pair) for name, pair in job.lora.items()}
+        leaves = [hidden] + ([prompts] if prompts is not None else []) + [t for pair in lora.values() for t in pair]
+        with _lora(span, SpanJob(job.inputs, job.blocks, prompts, lora, job.lora_scaling)):
+            output = _run(span, job, hidden, prompts)
+        grads = iter(torch.autograd.grad(output, leaves, grad_outputs))
+    response = pb.BackwardResponse(grad_hidden_states=tensors.encode(next(grads)))
+    if prompts is not None:
+        response.grad_deep_prompts.CopyFrom(tensors.encode(next(grads)))
+    for name in lora:
+        for kind in ("lora_A", "lora_B"):
+            response.grad_lora.add(name=f"{name}.{kind}", tensor=tensors.encode(next(grads)))
+    return response
+
+
+def _run(span: BlockSpan, job: SpanJob, hidden: torch.Tensor, prompts: torch.Tensor | None) -> torch.Tensor:
+    device = next(span.parameters()).device
+    to_device = lambda tensor: None if tensor is None else tensor.to(device)  # noqa: E731
+    return span(
+        hidden.to(device), job.inputs.position_ids.to(device), job.inputs.attention_mask.to(device),
+        blocks=job.blocks, deep_prompts=to_device(prompts),
+    )
+
+
+def _lora(span: BlockSpan, job: SpanJob):
+    return lora_applied(span, job.lora, job.lora_scaling) if job.lora else contextlib.nullcontext()

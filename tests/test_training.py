@@ -1,0 +1,187 @@
+"""Gradients through the swarm equal local autograd: inputs, soft prompts, deep prompts, client-owned LoRA."""
+
+import copy
+
+import pytest
+import torch
+from peft import LoraConfig, get_peft_model, set_peft_model_state_dict
+from transformers import LlamaForCausalLM
+
+from client import AutoDistributedModelForCausalLM
+from peer.local_swarm import start_peers
+
+SPANS = {"full": "0:4", "a": "0:1", "b": "1:4"}
+CHAINS = {1: ("full",), 2: ("a", "b")}
+PREFIX = 3
+LORA = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], lora_dropout=0.0)
+
+
+@pytest.fixture(scope="module")
+def peers(tiny_llama, bootstrap):
+    handles = start_peers(tiny_llama, bootstrap, list(SPANS.values()))
+    yield dict(zip(SPANS, handles))
+    for handle in handles:
+        handle.process.stop()
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_llama):
+    return LlamaForCausalLM.from_pretrained(tiny_llama).eval().requires_grad_(False)
+
+
+@pytest.fixture(params=sorted(CHAINS), ids=lambda hops: f"{hops}-peers")
+def allowed(request, peers):
+    return tuple(peers[name].peer_id for name in CHAINS[request.param])
+
+
+def swarm_model(path, bootstrap, allowed, **options):
+    return AutoDistributedModelForCausalLM.from_pretrained(path, initial_peers=[bootstrap], allowed_peers=allowed, **options)
+
+
+def batch(seed: int = 0, rows: int = 3, length: int = 8):
+    ids = torch.randint(3, 250, (rows, length), generator=torch.Generator().manual_seed(seed))
+    return ids, ids.clone()
+
+
+def close_relative(actual: torch.Tensor, expected: torch.Tensor, tolerance: float = 1e-4) -> bool:
+    return (actual - expected).norm() <= tolerance * expected.norm()
+
+
+def run_local_blocks(reference, hidden):
+    """The reference's blocks alone, as the swarm runs them (no final norm)."""
+    batch_size, length = hidden.shape[:2]
+    position_ids = torch.arange(length).expand(batch_size, length)
+    from transformers.masking_utils import create_causal_mask
+
+    mask = create_causal_mask(config=reference.config, inputs_embeds=hidden, attention_mask=None,
+                              past_key_values=None, position_ids=position_ids)
+    rotary = reference.model.rotary_emb(hidden, position_ids)
+    for layer in reference.model.layers:
+        hidden = layer(hidden, attention_mask=mask, position_embeddings=rotary, position_ids=position_ids)
+    return hidden
+
+
+def test_input_gradients_with_sub_batches(tiny_llama, bootstrap, allowed, reference):
+    # A message limit this small makes every request carry one row: 5 sub-batches per hop.
+    model = swarm_model(tiny_llama, bootstrap, allowed, max_message_bytes=16 * 1024)
+    try:
+        assert model.remote._sub_batch_size(torch.zeros(5, 12, 64)) == 1
+        hidden = torch.randn(5, 12, 64, generator=torch.Generator().manual_seed(0))
+        swarm_input, local_input = hidden.clone().requires_grad_(), hidden.clone().requires_grad_()
+        swarm_output = model.remote(swarm_input)
+        local_output = run_local_blocks(reference, local_input)
+        assert torch.allclose(swarm_output, local_output, atol=1e-4, rtol=0)
+        weights = torch.randn_like(local_output)
+        (swarm_output * weights).sum().backward()
+        (local_output * weights).sum().backward()
+        assert close_relative(swarm_input.grad, local_input.grad)
+    finally:
+        model.close()
+
+
+def local_prompt_loss(reference, ids, labels, prompts, deep_prompts=None):
+    embeds = reference.model.embed_tokens(ids)
+    rows = ids.shape[0]
+    inputs = torch.cat([prompts.expand(rows, -1, -1), embeds], dim=1)
+    labels = torch.cat([torch.full((rows, PREFIX), -100), labels], dim=1)
+    handles = []
+    if deep_prompts is not None:
+        for index, layer in enumerate(reference.model.layers):
+            def add_prompt(_module, args, kwargs, index=index):
+                hidden = args[0]
+                hidden = torch.cat([hidden[:, :PREFIX] + deep_prompts[index], hidden[:, PREFIX:]], dim=1)
+                return (hidden, *args[1:]), kwargs
+            handles.append(layer.register_forward_pre_hook(add_prompt, with_kwargs=True))
+    try:
+        return reference(inputs_embeds=inputs, labels=labels).loss
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+@pytest.mark.parametrize("mode", ["ptune", "deep_ptune"])
+def test_prompt_gradients_match_local(tiny_llama, bootstrap, allowed, reference, mode):
+    model = swarm_model(tiny_llama, bootstrap, allowed, tuning_mode=mode, num_prefix_tokens=PREFIX)
+    try:
+        tuning = model.prompt_tuning
+        with torch.no_grad():
+            if tuning.deep_prompts is not None:
+                tuning.deep_prompts.normal_(0, 0.5)
+        assert [name for name, p in model.named_parameters() if p.requires_grad] == (
+            ["prompt_tuning.prompts"] + (["prompt_tuning.deep_prompts"] if mode == "deep_ptune" else [])
+        )
+        ids, labels = batch()
+        model(input_ids=ids, labels=labels).loss.backward()
+        prompts = tuning.prompts.detach().clone().requires_grad_()
+        deep = None if tuning.deep_prompts is None else tuning.deep_prompts.detach().clone().requires_grad_()
+        local_loss = local_prompt_loss(reference, ids, labels, prompts, deep)
+        local_loss.backward()
+        assert close_relative(tuning.prompts.grad, prompts.grad)
+        if deep is not None:
+            assert close_relative(tuning.deep_prompts.grad, deep.grad)
+    finally:
+        model.close()
+
+
+def local_lora_model(reference, swarm_model):
+    local = get_peft_model(copy.deepcopy(reference), copy.deepcopy(LORA))
+    set_peft_model_state_dict(local, swarm_model.lora.peft_state_dict())
+    return local
+
+
+def test_lora_gradients_match_local(tiny_llama, bootstrap, allowed, reference):
+    model = swarm_model(tiny_llama, bootstrap, allowed, tuning_mode="lora", lora_config=LORA)
+    try:
+        with torch.no_grad():  # B starts at zero (as in peft); make it non-zero so that every gradient is
+            for lora_b in model.lora.lora_B:
+                lora_b.normal_(0, 0.1)
+        local = local_lora_model(reference, model)
+        ids, labels = batch(seed=1)
+        model(input_ids=ids, labels=labels).loss.backward()
+        local(input_ids=ids, labels=labels).loss.backward()
+        local_grads = {name.replace(".default", ""): p.grad for name, p in local.named_parameters() if p.requires_grad}
+        assert len(local_grads) == len(model.lora.names) * 2 == 16
+        for name, lora_a, lora_b in zip(model.lora.names, model.lora.lora_A, model.lora.lora_B):
+            assert close_relative(lora_a.grad, local_grads[model.lora.peft_name(name, "lora_A")])
+            assert close_relative(lora_b.grad, local_grads[model.lora.peft_name(name, "lora_B")])
+    finally:
+        model.close()
+
+
+@pytest.mark.parametrize("mode", ["ptune", "lora"])
+def test_optimizer_steps_lower_the_loss_like_local(tiny_llama, bootstrap, peers, reference, mode):
+    options = dict(tuning_mode=mode, num_prefix_tokens=PREFIX, lora_config=LORA)
+    model = swarm_model(tiny_llama, bootstrap, (peers["a"].peer_id, peers["b"].peer_id), **options)
+    try:
+        if mode == "lora":
+            local = local_lora_model(reference, model)
+            local_parameters = [p for p in local.parameters() if p.requires_grad]
+            local_loss = lambda ids, labels: local(input_ids=ids, labels=labels).loss  # noqa: E731
+        else:
+            prompts = model.prompt_tuning.prompts.detach().clone().requires_grad_()
+            local_parameters = [prompts]
+            local_loss = lambda ids, labels: local_prompt_loss(reference, ids, labels, prompts)  # noqa: E731
+        swarm_parameters = [p for p in model.parameters() if p.requires_grad]
+        swarm_optimizer = torch.optim.AdamW(swarm_parameters, lr=0.05)
+        local_optimizer = torch.optim.AdamW(local_parameters, lr=0.05)
+        ids, labels = batch(seed=2, rows=2, length=10)
+        losses = []
+        for _ in range(4):
+            for optimizer, loss in ((swarm_optimizer, model(input_ids=ids, labels=labels).loss), (local_optimizer, local_loss(ids, labels))):
+                optimizer.zero_grad()
+                loss.backward()
+                optimizer.step()
+            losses.append(loss.item())
+        assert losses[-1] < losses[0]
+        swarm_values = torch.cat([p.detach().flatten() for p in swarm_parameters])
+        if mode == "lora":
+            by_name = {n.replace(".default", ""): p for n, p in local.named_parameters() if p.requires_grad}
+            local_values = torch.cat([
+                by_name[model.lora.peft_name(name, kind)].detach().flatten()
+                for kind in ("lora_A", "lora_B") for name in model.lora.names
+            ])
+        else:
+            local_values = torch.cat([p.detach().flatten() for p in local_parameters])
+        assert torch.allclose(swarm_values, local_values, atol=1e-4, rtol=1e-4)
+    finally:
+        model.close()
