@@ -18,21 +18,19 @@ _CLOSE = None  # ends a stream's request iterator
 class HopSession:
     """The session on one peer: sends steps on its stream and waits for each answer in turn."""
 
-    def __init__(self, stub, hop: Hop, batch_size: int, max_length: int, alloc_timeout: float):
+    def __init__(self, stub, hop: Hop, batch_size: int, max_length: int, alloc_timeout: float, lora=None, lora_scaling=1.0):
         self.hop = hop
         self.peer = hop.peer.peer_id
         self.dtype = DTYPES[hop.peer.record.dtype]
         self.session_id = uuid.uuid4().hex
         self._step_id = 0
         self._requests: queue.SimpleQueue = queue.SimpleQueue()
-        self._requests.put(
-            pb.InferenceRequest(
-                open=pb.OpenSession(
-                    session_id=self.session_id, start_block=hop.start, end_block=hop.end,
-                    batch_size=batch_size, max_length=max_length, alloc_timeout=alloc_timeout,
-                )
-            )
+        opening = pb.OpenSession(
+            session_id=self.session_id, start_block=hop.start, end_block=hop.end,
+            batch_size=batch_size, max_length=max_length, alloc_timeout=alloc_timeout,
         )
+        add_lora(opening, hop, lora or {}, lora_scaling, self.dtype)
+        self._requests.put(pb.InferenceRequest(open=opening))
         self._call = stub.Inference(iter(self._requests.get, _CLOSE))
         response = self._receive()
         if response.WhichOneof("kind") != "opened":
@@ -64,11 +62,25 @@ class HopSession:
         self._call.cancel()
 
 
-class InferenceSession:
-    """Opened lazily on the first step (when the batch size is known); `position` counts tokens on the peers."""
+def add_lora(message, hop: Hop, lora: dict, scaling: float, dtype: torch.dtype) -> None:
+    """Puts the LoRA factors of the hop's blocks into a ForwardRequest or OpenSession."""
+    for name, (lora_a, lora_b) in lora.items():
+        if hop.start <= int(name.split(".")[0]) < hop.end:
+            for kind, tensor in (("lora_A", lora_a), ("lora_B", lora_b)):
+                message.lora.add(name=f"{name}.{kind}", tensor=tensors.encode(tensor.detach().to(dtype)))
+    if message.lora:
+        message.lora_scaling = scaling
 
-    def __init__(self, remote, max_length: int):
+
+class InferenceSession:
+    """Opened lazily on the first step (when the batch size is known); `position` counts tokens on the peers.
+
+    `lora` (client-owned factors, "{block}.{module}" -> (A, B)) is sent once, when the session opens.
+    """
+
+    def __init__(self, remote, max_length: int, lora: dict | None = None, lora_scaling: float = 1.0):
         self.remote, self.max_length = remote, max_length
+        self.lora, self.lora_scaling = lora, lora_scaling
         self.position = 0
         self.pending_reorder: torch.Tensor | None = None
         self._hops: list[HopSession] | None = None
@@ -83,7 +95,9 @@ class InferenceSession:
         try:
             for hop in self.remote.view.chain(self.remote.start_block, self.remote.end_block):
                 stub = self.remote.connections.stub(hop.peer.record.address)
-                self._hops.append(HopSession(stub, hop, batch_size, self.max_length, self.remote.config.alloc_timeout))
+                self._hops.append(HopSession(
+                    stub, hop, batch_size, self.max_length, self.remote.config.alloc_timeout, self.lora, self.lora_scaling
+                ))
         except BaseException:
             self.close()
             raise

@@ -92,8 +92,8 @@ class DistributedCausalLMMixin:
                 deep_prompts, prefix = self.prompt_tuning.batch_deep_prompts(batch), self.prompt_tuning.num_prefix_tokens
             lora = self.lora.factors() if self.lora is not None else None
             hidden = self.remote(hidden, position_ids, mask, deep_prompts, lora, self.lora.scaling if self.lora else 1.0)
-        elif self.prompt_tuning is not None or self.lora is not None:
-            raise NotImplementedError("generation with a tuned model (prompts or LoRA) is not supported yet")
+        elif self.prompt_tuning is not None:
+            raise NotImplementedError("generation with trained prompts is not supported yet; LoRA-tuned models generate")
         elif isinstance(past_key_values, RemotePastKeyValues):
             session = past_key_values.session
             hidden = session.step(hidden, position_ids, self._mask_columns(attention_mask, length, batch))
@@ -137,12 +137,17 @@ class DistributedCausalLMMixin:
         """Keeps one KV cache on the peers across several `generate` calls (pass the full sequence each time)."""
         if self._active_session is not None:
             raise SwarmError("an inference session is already active on this model")
-        with self.remote.inference_session(max_length) as session:
+        with self._open_session(max_length) as session:
             self._active_session = session
             try:
                 yield session
             finally:
                 self._active_session = None
+
+    def _open_session(self, max_length: int) -> InferenceSession:
+        if self.lora is None:
+            return self.remote.inference_session(max_length)
+        return self.remote.inference_session(max_length, self.lora.factors(), self.lora.scaling)
 
     def _prepare_cache_for_generation(self, generation_config, model_kwargs, generation_mode, batch_size, max_cache_length):
         if model_kwargs.get("past_key_values") is not None:
@@ -151,7 +156,7 @@ class DistributedCausalLMMixin:
             )
         session = self._active_session
         if session is None:
-            session = self._implicit_session = self.remote.inference_session(max_cache_length)
+            session = self._implicit_session = self._open_session(max_cache_length)
         elif max_cache_length > session.max_length:
             raise SwarmError(
                 f"this generation needs up to {max_cache_length} tokens but the session was opened with "

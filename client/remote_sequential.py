@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from client.config import ClientConfig
-from client.inference_session import InferenceSession
+from client.inference_session import InferenceSession, add_lora
 from client.swarm_view import SwarmView
 from client.transport import PeerConnections
 from swarm import tensors
@@ -84,8 +84,8 @@ class RemoteSequential(nn.Module):
         except grpc.RpcError as error:
             raise RemoteError(hop.peer.peer_id, error.code().name, error.details() or "") from None
 
-    def inference_session(self, max_length: int) -> InferenceSession:
-        return InferenceSession(self, max_length)
+    def inference_session(self, max_length: int, lora: LoRAFactors | None = None, lora_scaling: float = 1.0) -> InferenceSession:
+        return InferenceSession(self, max_length, lora, lora_scaling)
 
     def close(self) -> None:
         self.connections.close()
@@ -107,11 +107,8 @@ class _RemoteHop(torch.autograd.Function):
         )
         if prompts is not None:
             request.deep_prompts.CopyFrom(tensors.encode(prompts.to(dtype)))
-        for index, name in enumerate(lora_names):
-            for kind, tensor in zip(("lora_A", "lora_B"), lora_tensors[2 * index : 2 * index + 2]):
-                request.lora.add(name=f"{name}.{kind}", tensor=tensors.encode(tensor.to(dtype)))
-        if lora_names:
-            request.lora_scaling = lora_scaling
+        lora = {name: tuple(lora_tensors[2 * index : 2 * index + 2]) for index, name in enumerate(lora_names)}
+        add_lora(request, hop, lora, lora_scaling, dtype)
         ctx.remote, ctx.hop, ctx.request = remote, hop, request
         ctx.dtypes = (hidden.dtype, None if prompts is None else prompts.dtype, [t.dtype for t in lora_tensors])
         response = remote.call(hop, "Forward", request)

@@ -10,7 +10,7 @@ import torch
 from peer.memory_pool import CacheExhaustedError, CachePool
 from peer.runtime import PRIORITY_FORWARD, PRIORITY_INFERENCE, ComputeRuntime
 from peer.sessions import InferenceSessionState
-from peer.training import decode_grad_outputs, decode_job, run_backward, run_forward
+from peer.training import check_lora_scaling, decode_grad_outputs, decode_job, decode_lora, run_backward, run_forward
 from peer.validation import InvalidRequest, check_block_range, decode_span_inputs, decode_tensor
 from swarm import tensors
 from swarm.blocks import BlockSpan
@@ -91,6 +91,8 @@ class SwarmPeerServicer(pb_grpc.SwarmPeerServicer):
                 raise InvalidRequest(f"batch_size {opening.batch_size} or max_length {opening.max_length} out of range")
             if not opening.session_id or opening.session_id in self.open_sessions:
                 raise InvalidRequest(f"session id {opening.session_id!r} is empty or already open", "ALREADY_EXISTS")
+            lora = decode_lora(opening.lora, self.span, opening.start_block, opening.end_block, self.dtype)
+            lora_scaling = check_lora_scaling(opening.lora_scaling) if lora else 1.0
         except InvalidRequest as error:
             await context.abort(getattr(grpc.StatusCode, error.code), str(error))
         num_bytes = InferenceSessionState.cache_bytes(
@@ -101,7 +103,7 @@ class SwarmPeerServicer(pb_grpc.SwarmPeerServicer):
             async with self.pool.reserve(num_bytes, timeout):
                 session = InferenceSessionState(
                     opening.session_id, self.span, opening.start_block, opening.end_block,
-                    opening.batch_size, opening.max_length,
+                    opening.batch_size, opening.max_length, lora, lora_scaling,
                 )
                 self.open_sessions[session.session_id] = session
                 self.on_cache_change()

@@ -2,14 +2,26 @@
 
 import torch
 
+from peer.lora import lora_applied
 from swarm.blocks import BlockSpan, SpanCache
 
 
 class InferenceSessionState:
     """Lives as long as the session's stream; every method that computes runs on the compute runtime's thread."""
 
-    def __init__(self, session_id: str, span: BlockSpan, start: int, end: int, batch_size: int, max_length: int):
+    def __init__(
+        self,
+        session_id: str,
+        span: BlockSpan,
+        start: int,
+        end: int,
+        batch_size: int,
+        max_length: int,
+        lora: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None,
+        lora_scaling: float = 1.0,
+    ):
         self.session_id = session_id
+        self.lora, self.lora_scaling = lora or {}, lora_scaling
         self.span = span
         self.blocks = slice(start - span.start, end - span.start)
         self.batch_size, self.max_length = batch_size, max_length
@@ -35,7 +47,7 @@ class InferenceSessionState:
         start_position: int | None,
     ) -> torch.Tensor:
         """Rolls back and/or reorders as asked, then runs the new tokens through the session's blocks."""
-        with torch.inference_mode():
+        with torch.inference_mode(), lora_applied(self.span, self.lora, self.lora_scaling):
             if start_position is not None:
                 self.cache.truncate(start_position)
                 self.position = start_position

@@ -4,7 +4,6 @@ Peers keep their weights frozen and keep nothing between calls: backward recompu
 gradients enabled for the inputs and the tensors the client sent, then returns their gradients.
 """
 
-import contextlib
 from dataclasses import dataclass, field
 
 import torch
@@ -44,29 +43,36 @@ def decode_job(request: pb.ForwardRequest, span: BlockSpan, dtype: torch.dtype) 
             raise InvalidRequest(f"deep_prompts cover {prompts.shape[2]} positions of a {length}-token sequence")
         _check_trainable(prompts, dtype, "deep_prompts")
         job.deep_prompts = prompts
+    job.lora = decode_lora(request.lora, span, request.start_block, request.end_block, dtype)
+    job.lora_scaling = check_lora_scaling(request.lora_scaling) if job.lora else 1.0
+    return job
+
+
+def decode_lora(named_tensors, span: BlockSpan, start: int, end: int, dtype: torch.dtype) -> dict[str, tuple]:
+    """LoRA factors sent by a client, checked against the linears of blocks [start, end)."""
     factors: dict[str, dict[str, torch.Tensor]] = {}
-    for named in request.lora:
+    for named in named_tensors:
         target, _, kind = named.name.rpartition(".")
         if kind not in ("lora_A", "lora_B") or kind in factors.setdefault(target, {}):
             raise InvalidRequest(f"LoRA tensor names end in .lora_A or .lora_B, once each; got {named.name!r}")
         factors[target][kind] = decode_tensor(named.tensor, named.name)
-    for target, pair in factors.items():
-        job.lora[target] = _checked_lora(span, request, target, pair, dtype)
-    if factors:
-        if not 0 < abs(request.lora_scaling) < 1e4:
-            raise InvalidRequest(f"lora_scaling {request.lora_scaling} is out of range")
-        job.lora_scaling = request.lora_scaling
-    return job
+    return {target: _checked_lora(span, start, end, target, pair, dtype) for target, pair in factors.items()}
 
 
-def _checked_lora(span: BlockSpan, request: pb.ForwardRequest, target: str, pair: dict, dtype) -> tuple:
+def check_lora_scaling(scaling: float) -> float:
+    if not 0 < abs(scaling) < 1e4:
+        raise InvalidRequest(f"lora_scaling {scaling} is out of range")
+    return scaling
+
+
+def _checked_lora(span: BlockSpan, start: int, end: int, target: str, pair: dict, dtype) -> tuple:
     if set(pair) != {"lora_A", "lora_B"}:
         raise InvalidRequest(f"LoRA target {target!r} needs both lora_A and lora_B")
     try:
         module = lora_target(span, target)
     except ValueError as error:
         raise InvalidRequest(str(error), "OUT_OF_RANGE") from None
-    if not request.start_block <= int(target.split(".")[0]) < request.end_block:
+    if not start <= int(target.split(".")[0]) < end:
         raise InvalidRequest(f"LoRA target {target!r} is outside the requested blocks", "OUT_OF_RANGE")
     lora_a, lora_b = pair["lora_A"], pair["lora_B"]
     rank = lora_a.shape[0] if lora_a.ndim == 2 else -1
@@ -98,7 +104,7 @@ def decode_grad_outputs(message: pb.Tensor, job: SpanJob) -> torch.Tensor:
 
 
 def run_forward(span: BlockSpan, job: SpanJob) -> torch.Tensor:
-    with torch.inference_mode(), _lora(span, job):
+    with torch.inference_mode(), lora_applied(span, job.lora, job.lora_scaling):
         return _run(span, job, job.inputs.hidden_states, job.deep_prompts)
 
 
@@ -109,7 +115,7 @@ def run_backward(span: BlockSpan, job: SpanJob, grad_outputs: torch.Tensor) -> p
         prompts = None if job.deep_prompts is None else job.deep_prompts.clone().requires_grad_(True)
         lora = {name: tuple(t.clone().requires_grad_(True) for t in pair) for name, pair in job.lora.items()}
         leaves = [hidden] + ([prompts] if prompts is not None else []) + [t for pair in lora.values() for t in pair]
-        with _lora(span, SpanJob(job.inputs, job.blocks, prompts, lora, job.lora_scaling)):
+        with lora_applied(span, lora, job.lora_scaling):
             output = _run(span, job, hidden, prompts)
         grads = iter(torch.autograd.grad(output, leaves, grad_outputs))
     response = pb.BackwardResponse(grad_hidden_states=tensors.encode(next(grads)))
@@ -129,6 +135,3 @@ def _run(span: BlockSpan, job: SpanJob, hidden: torch.Tensor, prompts: torch.Ten
         blocks=job.blocks, deep_prompts=to_device(prompts),
     )
 
-
-def _lora(span: BlockSpan, job: SpanJob):
-    return lora_applied(span, job.lora, job.lora_scaling) if job.lora else contextlib.nullcontext()

@@ -180,3 +180,38 @@ def test_idle_session_times_out_and_frees_memory(stub):
         session.send(hidden())
     assert error.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED and "idle" in error.value.details()
     assert stub.Info(pb.InfoRequest()).cache_tokens_left == CACHE_TOKENS
+
+
+def test_backward_errors(stub):
+    inputs = pb.ForwardRequest(start_block=0, end_block=4, hidden_states=tensors.encode(hidden(tokens=3)))
+
+    def backward(grad: torch.Tensor, request: pb.ForwardRequest = inputs):
+        return stub.Backward(pb.BackwardRequest(inputs=request, grad_outputs=tensors.encode(grad)), timeout=30)
+
+    ok = backward(torch.ones(1, 3, HIDDEN))
+    assert list(tensors.decode(ok.grad_hidden_states).shape) == [1, 3, HIDDEN]
+    unserved = pb.ForwardRequest(start_block=2, end_block=6, hidden_states=inputs.hidden_states)
+    prompts = lambda shape: tensors.encode(torch.zeros(shape))  # noqa: E731
+    lora = lambda name, shape: pb.NamedTensor(name=name, tensor=tensors.encode(torch.zeros(shape)))  # noqa: E731
+    with_request = lambda **fields: pb.ForwardRequest(start_block=0, end_block=4, hidden_states=inputs.hidden_states, **fields)  # noqa: E731
+    cases = [
+        (torch.ones(1, 2, HIDDEN), inputs, grpc.StatusCode.INVALID_ARGUMENT, "grad_outputs must be"),
+        (torch.full((1, 3, HIDDEN), float("inf")), inputs, grpc.StatusCode.INVALID_ARGUMENT, "NaN or Inf"),
+        (torch.ones(1, 3, HIDDEN), unserved, grpc.StatusCode.OUT_OF_RANGE, "not served here"),
+        (torch.ones(1, 3, HIDDEN), with_request(deep_prompts=prompts([3, 1, 2, HIDDEN])), grpc.StatusCode.INVALID_ARGUMENT, "deep_prompts must be [4, 1, prefix, 64]"),
+        (torch.ones(1, 3, HIDDEN), with_request(deep_prompts=prompts([4, 1, 5, HIDDEN])), grpc.StatusCode.INVALID_ARGUMENT, "cover 5 positions"),
+        (torch.ones(1, 3, HIDDEN), with_request(lora=[lora("0.self_attn.q_proj.lora_A", [2, HIDDEN])], lora_scaling=1),
+         grpc.StatusCode.INVALID_ARGUMENT, "needs both lora_A and lora_B"),
+        (torch.ones(1, 3, HIDDEN), with_request(lora=[lora("0.self_attn.nope.lora_A", [2, HIDDEN]), lora("0.self_attn.nope.lora_B", [HIDDEN, 2])], lora_scaling=1),
+         grpc.StatusCode.OUT_OF_RANGE, "is not a linear layer"),
+        (torch.ones(1, 3, HIDDEN), with_request(lora=[lora("0.self_attn.q_proj.lora_A", [2, HIDDEN]), lora("0.self_attn.q_proj.lora_B", [HIDDEN, 3])], lora_scaling=1),
+         grpc.StatusCode.INVALID_ARGUMENT, "lora_A must be [rank, 64]"),
+    ]
+    for grad, request, code, text in cases:
+        with pytest.raises(grpc.RpcError) as error:
+            backward(grad, request)
+        assert error.value.code() == code and text in error.value.details(), error.value.details()
+    with pytest.raises(grpc.RpcError) as error:
+        backward(torch.ones(1, 3000, HIDDEN), pb.ForwardRequest(start_block=0, end_block=4, hidden_states=tensors.encode(hidden(tokens=3000))))
+    assert error.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert stub.Info(pb.InfoRequest()).end_block == 4

@@ -185,3 +185,18 @@ def test_optimizer_steps_lower_the_loss_like_local(tiny_llama, bootstrap, peers,
         assert torch.allclose(swarm_values, local_values, atol=1e-4, rtol=1e-4)
     finally:
         model.close()
+
+
+def test_lora_tuned_model_generates_like_local_peft(tiny_llama, bootstrap, allowed, reference):
+    model = swarm_model(tiny_llama, bootstrap, allowed, tuning_mode="lora", lora_config=LORA)
+    try:
+        with torch.no_grad():
+            for lora_b in model.lora.lora_B:
+                lora_b.normal_(0, 0.3)
+        local = local_lora_model(reference, model)
+        ids = torch.tensor([[1, 84, 104, 101, 32]])
+        expected = local.generate(input_ids=ids, max_new_tokens=12, do_sample=False)
+        assert not torch.equal(expected, reference.generate(ids, max_new_tokens=12, do_sample=False))  # LoRA matters
+        assert torch.equal(model.generate(ids, max_new_tokens=12, do_sample=False), expected)
+    finally:
+        model.close()
