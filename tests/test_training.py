@@ -200,3 +200,35 @@ def test_lora_tuned_model_generates_like_local_peft(tiny_llama, bootstrap, allow
         assert torch.equal(model.generate(ids, max_new_tokens=12, do_sample=False), expected)
     finally:
         model.close()
+
+
+def test_sequence_classification_head_trains_like_local(tiny_llama, bootstrap, peers, reference):
+    from transformers import LlamaForSequenceClassification
+
+    from client import DistributedModelForSequenceClassification
+
+    model = DistributedModelForSequenceClassification.from_pretrained(
+        tiny_llama, num_labels=3, initial_peers=[bootstrap], allowed_peers=(peers["a"].peer_id, peers["b"].peer_id)
+    )
+    try:
+        local = LlamaForSequenceClassification.from_pretrained(tiny_llama, num_labels=3).eval()
+        local.model.requires_grad_(False)
+        with torch.no_grad():
+            model.score.weight.copy_(local.score.weight)
+        assert [name for name, p in model.named_parameters() if p.requires_grad] == ["score.weight"]
+        ids = torch.tensor([[0, 0, 5, 17, 42, 99], [7, 250, 31, 64, 12, 3], [0, 9, 8, 7, 6, 5]])  # left-padded rows
+        mask, labels = (ids != 0).long(), torch.tensor([0, 2, 1])
+        with torch.no_grad():
+            assert torch.allclose(model(ids, mask).logits, local(input_ids=ids, attention_mask=mask).logits, atol=1e-4)
+        optimizers = [torch.optim.AdamW([model.score.weight], lr=0.1), torch.optim.AdamW([local.score.weight], lr=0.1)]
+        losses = []
+        for _ in range(3):
+            for optimizer, loss in zip(optimizers, (model(ids, mask, labels).loss, local(input_ids=ids, attention_mask=mask, labels=labels).loss)):
+                optimizer.zero_grad()
+                loss.backward()
+                optimizer.step()
+            losses.append(loss.item())
+        assert losses[-1] < losses[0]
+        assert torch.allclose(model.score.weight, local.score.weight, atol=1e-4)
+    finally:
+        model.close()
