@@ -16,3 +16,8 @@ class ClientConfig:
     # Seconds for which a fetched view of the swarm is reused before asking the DHT again.
     view_ttl: float = 1.0
     max_message_bytes: int = 64 * 1024 * 1024
+    # How many times a failed hop is replaced (with another peer, history replayed) before giving up.
+    max_retries: int = 3
+    # A failing peer is avoided for ban_seconds, doubling with each further failure up to max_ban_seconds.
+    ban_seconds: float = 15.0
+    max_ban_seconds: float = 300.0

@@ -1,5 +1,6 @@
 """An inference session: one gRPC stream per hop of a chain, each peer keeping the KV cache of its blocks."""
 
+import logging
 import queue
 import uuid
 
@@ -12,7 +13,12 @@ from swarm.routing import Hop
 from swarm.tensors import DTYPES
 from swarm.wire import swarm_peer_pb2 as pb
 
+logger = logging.getLogger(__name__)
+
 _CLOSE = None  # ends a stream's request iterator
+
+# Answers that mean the peer (not the request) failed: the hop is replaced and its history replayed.
+PEER_FAILURES = {"UNAVAILABLE", "CANCELLED", "CLOSED", "DEADLINE_EXCEEDED", "INTERNAL", "UNKNOWN", "PROTOCOL", "RESOURCE_EXHAUSTED"}
 
 
 class HopSession:
@@ -84,23 +90,68 @@ class InferenceSession:
         self.position = 0
         self.pending_reorder: torch.Tensor | None = None
         self._hops: list[HopSession] | None = None
+        # What each hop was sent, step by step: replayed to a replacement peer so it rebuilds the same KV cache.
+        self._history: list[list[tuple[torch.Tensor, pb.InferenceStep]]] = []
+        self._batch_size = 0
         self.closed = False
 
     @property
     def route(self) -> list[Hop]:
         return [hop_session.hop for hop_session in self._hops or []]
 
-    def _open(self, batch_size: int) -> None:
-        self._hops = []
+    def _open_chain(self, start: int, end: int) -> list[HopSession]:
+        opened: list[HopSession] = []
         try:
-            for hop in self.remote.view.chain(self.remote.start_block, self.remote.end_block):
+            for hop in self.remote.view.chain(start, end):
                 stub = self.remote.connections.stub(hop.peer.record.address)
-                self._hops.append(HopSession(
-                    stub, hop, batch_size, self.max_length, self.remote.config.alloc_timeout, self.lora, self.lora_scaling
+                opened.append(HopSession(
+                    stub, hop, self._batch_size, self.max_length, self.remote.config.alloc_timeout,
+                    self.lora, self.lora_scaling,
                 ))
         except BaseException:
-            self.close()
+            for hop_session in opened:
+                hop_session.close()
             raise
+        return opened
+
+    def _run_hop(self, index: int, hidden_states: torch.Tensor, step_fields: pb.InferenceStep) -> torch.Tensor:
+        """Runs hop `index`; if its peer fails, replaces it (replaying its history) and tries again."""
+        needs_replacement = False
+        for attempt in range(self.remote.config.max_retries + 1):
+            try:
+                if needs_replacement:
+                    self._replace(index)
+                    needs_replacement = False
+                output = self._hops[index].step(hidden_states, step_fields)
+                self._history[index].append((hidden_states, step_fields))
+                return output
+            except RemoteError as error:
+                if error.code not in PEER_FAILURES or attempt == self.remote.config.max_retries:
+                    raise
+                self.remote.view.ban(error.peer)
+                if not needs_replacement:
+                    self._hops[index].close()
+                    needs_replacement = True
+        raise AssertionError("unreachable: the last attempt returns or raises")
+
+    def _replace(self, index: int) -> None:
+        """Opens a new chain for hop `index`'s blocks and replays everything that hop was sent, step by step."""
+        old = self._hops[index].hop
+        history = self._history[index]
+        replacement = self._open_chain(old.start, old.end)
+        new_history: list[list] = [[] for _ in replacement]
+        try:
+            for hidden_states, step_fields in history:
+                for position, hop_session in enumerate(replacement):
+                    new_history[position].append((hidden_states, step_fields))
+                    hidden_states = hop_session.step(hidden_states, step_fields)
+        except BaseException:
+            for hop_session in replacement:
+                hop_session.close()
+            raise
+        self._hops[index : index + 1] = replacement
+        self._history[index : index + 1] = new_history
+        logger.info(f"blocks {old.start}:{old.end} moved to {[h.peer for h in replacement]}, {len(history)} steps replayed")
 
     def step(
         self,
@@ -124,7 +175,9 @@ class InferenceSession:
                 f"{first + new_tokens}. Open a session with a larger max_length."
             )
         if self._hops is None:
-            self._open(batch)
+            self._batch_size = batch
+            self._hops = self._open_chain(self.remote.start_block, self.remote.end_block)
+            self._history = [[] for _ in self._hops]
         if position_ids is None:
             position_ids = torch.arange(first, first + new_tokens).expand(batch, new_tokens)
         if attention_mask is None:
@@ -139,8 +192,10 @@ class InferenceSession:
         if start_position is not None:
             step_fields.start_position, step_fields.has_start_position = start_position, True
         output_dtype = hidden_states.dtype
-        for hop_session in self._hops:
-            hidden_states = hop_session.step(hidden_states, step_fields)
+        index = 0
+        while index < len(self._hops):  # a replaced hop may become several: the list can grow while we walk it
+            hidden_states = self._run_hop(index, hidden_states, step_fields)
+            index += 1
         self.position = first + new_tokens
         return hidden_states.to(output_dtype)
 

@@ -8,6 +8,7 @@ import hivemind
 from client.config import ClientConfig
 from swarm.constants import PROTOCOL_VERSION
 from swarm.dht_records import PeerSpan, fetch_peer_spans
+from swarm.errors import MissingBlocksError
 from swarm.routing import Hop, fewest_hops_chain
 
 logger = logging.getLogger(__name__)
@@ -19,6 +20,17 @@ class SwarmView:
         self.dht = dht or hivemind.DHT(initial_peers=config.initial_peers, client_mode=True, start=True)
         self._spans: list[PeerSpan] = []
         self._fetched_at = -float("inf")
+        self._bans: dict[str, tuple[float, int]] = {}  # peer id -> (banned until, failures so far)
+
+    def ban(self, peer_id: str) -> None:
+        """Avoid a peer that failed, for longer each time it fails again."""
+        _, failures = self._bans.get(peer_id, (0.0, 0))
+        duration = min(self.config.ban_seconds * 2**failures, self.config.max_ban_seconds)
+        self._bans[peer_id] = (time.monotonic() + duration, failures + 1)
+        logger.warning(f"peer {peer_id} failed; avoiding it for {duration:.0f}s")
+
+    def is_banned(self, peer_id: str) -> bool:
+        return self._bans.get(peer_id, (0.0, 0))[0] > time.monotonic()
 
     def peer_spans(self, refresh: bool = False) -> list[PeerSpan]:
         """Online peers of this model that speak our protocol and pass the allowed/blocked filters."""
@@ -39,9 +51,12 @@ class SwarmView:
         """The shortest chain over blocks [start, end); looks again at the DHT before declaring blocks missing."""
         end = self.num_blocks if end is None else end
         try:
-            return fewest_hops_chain(self.peer_spans(), start, end, self.model_prefix)
-        except Exception:
-            return fewest_hops_chain(self.peer_spans(refresh=True), start, end, self.model_prefix)
+            return fewest_hops_chain(self._unbanned(self.peer_spans()), start, end, self.model_prefix)
+        except MissingBlocksError:
+            return fewest_hops_chain(self._unbanned(self.peer_spans(refresh=True)), start, end, self.model_prefix)
+
+    def _unbanned(self, spans: list[PeerSpan]) -> list[PeerSpan]:
+        return [span for span in spans if not self.is_banned(span.peer_id)]
 
     def shutdown(self) -> None:
         self.dht.shutdown()

@@ -1,0 +1,108 @@
+"""Peers die mid-generation (SIGKILL): the session moves their blocks to a replica, replays the history, and the
+tokens are exactly those of a fault-free run."""
+
+import random
+import signal
+
+import pytest
+import torch
+from transformers import LlamaForCausalLM, StoppingCriteria, StoppingCriteriaList
+
+from client import AutoDistributedModelForCausalLM
+from peer.local_swarm import start_peers
+from swarm.checkpoint_maker import byte_tokenizer
+
+HALVES = ["0:2", "2:4"]
+
+
+class Swarm:
+    """Two replicas of each half of the model; a killed peer is replaced by a fresh one after each generation."""
+
+    def __init__(self, path: str, bootstrap: str):
+        self.path, self.bootstrap = path, bootstrap
+        self.peers = {peer.peer_id: (span, peer) for span, peer in zip(HALVES * 2, start_peers(path, bootstrap, HALVES * 2))}
+        self.killed: list[str] = []
+
+    def kill(self, peer_id: str) -> None:
+        span, peer = self.peers.pop(peer_id)
+        peer.process.stop(signal.SIGKILL)
+        self.killed.append(span)
+
+    def heal(self) -> None:
+        if self.killed:
+            for span, peer in zip(self.killed, start_peers(self.path, self.bootstrap, self.killed)):
+                self.peers[peer.peer_id] = (span, peer)
+            self.killed.clear()
+
+    def stop(self) -> None:
+        for _, peer in self.peers.values():
+            peer.process.stop()
+
+
+class KillDuringGeneration(StoppingCriteria):
+    """Never stops generation; after `after_tokens` new tokens, SIGKILLs a random peer of the session's route."""
+
+    def __init__(self, model, swarm: Swarm, after_tokens: int, rng: random.Random):
+        self.model, self.swarm, self.after_tokens, self.rng = model, swarm, after_tokens, rng
+        self.calls, self.victim = 0, None
+
+    def __call__(self, input_ids, scores, **kwargs):
+        self.calls += 1
+        if self.calls == self.after_tokens:
+            route = self.model._implicit_session.route
+            self.victim = self.rng.choice(route).peer.peer_id
+            self.swarm.kill(self.victim)
+        return torch.zeros(input_ids.shape[0], dtype=torch.bool)
+
+
+@pytest.fixture(scope="module")
+def swarm(tiny_llama, bootstrap):
+    swarm = Swarm(tiny_llama, bootstrap)
+    yield swarm
+    swarm.stop()
+
+
+@pytest.fixture(scope="module")
+def model(tiny_llama, bootstrap, swarm):
+    model = AutoDistributedModelForCausalLM.from_pretrained(tiny_llama, initial_peers=[bootstrap], ban_seconds=600)
+    yield model
+    model.close()
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_llama):
+    return LlamaForCausalLM.from_pretrained(tiny_llama).eval()
+
+
+def generate_with_kill(model, swarm, inputs, options, rng) -> torch.Tensor:
+    killer = KillDuringGeneration(model, swarm, after_tokens=rng.randint(2, options["max_new_tokens"] - 2), rng=rng)
+    seed = options.pop("seed", None)
+    if seed is not None:
+        torch.manual_seed(seed)
+    output = model.generate(**inputs, stopping_criteria=StoppingCriteriaList([killer]), **options)
+    assert killer.victim is not None, "the peer was never killed"
+    swarm.heal()
+    return output
+
+
+SCENARIOS = {
+    "greedy": (["Once upon a time"], dict(max_new_tokens=64, do_sample=False), 10),
+    "sampling": (["Sampling"], dict(max_new_tokens=48, do_sample=True, temperature=0.9, top_k=50, seed=7), 2),
+    "beam-search": (["Beams"], dict(max_new_tokens=32, num_beams=3, do_sample=False), 2),
+    "batch-of-3": (["first prompt", "second", "a third one"], dict(max_new_tokens=32, do_sample=False), 2),
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("scenario", list(SCENARIOS))
+def test_generation_survives_peer_kills(model, swarm, reference, scenario):
+    texts, options, runs = SCENARIOS[scenario]
+    inputs = byte_tokenizer()(texts, return_tensors="pt", padding=True)
+    rng = random.Random(scenario)
+    seed = options.get("seed")
+    local_options = {key: value for key, value in options.items() if key != "seed"}
+    if seed is not None:
+        torch.manual_seed(seed)
+    expected = reference.generate(**inputs, **local_options)
+    for _ in range(runs):
+        assert torch.equal(generate_with_kill(model, swarm, inputs, dict(options), rng), expected)
