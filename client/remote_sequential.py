@@ -7,11 +7,11 @@ import torch
 from torch import nn
 
 from client.config import ClientConfig
-from client.inference_session import InferenceSession, add_lora
+from client.inference_session import PEER_FAILURES, InferenceSession, add_lora
 from client.swarm_view import SwarmView
 from client.transport import PeerConnections
 from swarm import tensors
-from swarm.errors import RemoteError
+from swarm.errors import RemoteError, SwarmError
 from swarm.routing import Hop
 from swarm.tensors import DTYPES
 from swarm.wire import swarm_peer_pb2 as pb
@@ -78,11 +78,26 @@ class RemoteSequential(nn.Module):
         row_bytes = math.prod(hidden_states.shape[1:]) * max(hidden_states.element_size(), 4)
         return max(1, self.config.max_message_bytes // 4 // max(row_bytes, 1))
 
-    def call(self, hop: Hop, method: str, request):
-        try:
-            return getattr(self.connections.stub(hop.peer.record.address), method)(request, timeout=self.config.request_timeout)
-        except grpc.RpcError as error:
-            raise RemoteError(hop.peer.peer_id, error.code().name, error.details() or "") from None
+    def call(self, hop: Hop, method: str, request) -> tuple:
+        """Calls `method` on the hop's peer; if that peer fails, bans it and retries on another peer serving the
+        same blocks (requests are stateless, so any replica can answer). Returns (response, hop that answered)."""
+        for attempt in range(self.config.max_retries + 1):
+            try:
+                stub = self.connections.stub(hop.peer.record.address)
+                return getattr(stub, method)(request, timeout=self.config.request_timeout), hop
+            except grpc.RpcError as error:
+                failure = RemoteError(hop.peer.peer_id, error.code().name, error.details() or "")
+            if failure.code not in PEER_FAILURES or attempt == self.config.max_retries:
+                raise failure
+            self.view.ban(hop.peer.peer_id)
+            replacement = self.view.chain(hop.start, hop.end)
+            if len(replacement) != 1:
+                raise SwarmError(
+                    f"peer {hop.peer.peer_id} failed and no single peer serves blocks {hop.start}:{hop.end} in its "
+                    f"place (the swarm offers {[(h.start, h.end) for h in replacement]})"
+                ) from failure
+            hop = replacement[0]
+        raise AssertionError("unreachable: the last attempt returns or raises")
 
     def inference_session(self, max_length: int, lora: LoRAFactors | None = None, lora_scaling: float = 1.0) -> InferenceSession:
         return InferenceSession(self, max_length, lora, lora_scaling)
@@ -109,9 +124,9 @@ class _RemoteHop(torch.autograd.Function):
             request.deep_prompts.CopyFrom(tensors.encode(prompts.to(dtype)))
         lora = {name: tuple(lora_tensors[2 * index : 2 * index + 2]) for index, name in enumerate(lora_names)}
         add_lora(request, hop, lora, lora_scaling, dtype)
-        ctx.remote, ctx.hop, ctx.request = remote, hop, request
+        response, ctx.hop = remote.call(hop, "Forward", request)
+        ctx.remote, ctx.request = remote, request
         ctx.dtypes = (hidden.dtype, None if prompts is None else prompts.dtype, [t.dtype for t in lora_tensors])
-        response = remote.call(hop, "Forward", request)
         return tensors.decode(response.hidden_states).to(hidden.dtype)
 
     @staticmethod
@@ -119,7 +134,7 @@ class _RemoteHop(torch.autograd.Function):
         hidden_dtype, prompts_dtype, lora_dtypes = ctx.dtypes
         peer_dtype = DTYPES[ctx.hop.peer.record.dtype]
         request = pb.BackwardRequest(inputs=ctx.request, grad_outputs=tensors.encode(grad_output.to(peer_dtype)))
-        response = ctx.remote.call(ctx.hop, "Backward", request)
+        response, _ = ctx.remote.call(ctx.hop, "Backward", request)
         grad_hidden = tensors.decode(response.grad_hidden_states).to(hidden_dtype)
         grad_prompts = None
         if prompts_dtype is not None:

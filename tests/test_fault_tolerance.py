@@ -106,3 +106,24 @@ def test_generation_survives_peer_kills(model, swarm, reference, scenario):
     expected = reference.generate(**inputs, **local_options)
     for _ in range(runs):
         assert torch.equal(generate_with_kill(model, swarm, inputs, dict(options), rng), expected)
+
+
+@pytest.mark.slow
+def test_training_step_survives_a_kill_between_forward_and_backward(model, swarm):
+    hidden = torch.randn(2, 10, 64, generator=torch.Generator().manual_seed(0))
+    weights = torch.randn(2, 10, 64, generator=torch.Generator().manual_seed(1))
+
+    def gradient(victim_rng: random.Random | None = None) -> torch.Tensor:
+        inputs = hidden.clone().requires_grad_()
+        output = model.remote(inputs)  # the chain it used is the view's current one
+        if victim_rng is not None:
+            victim = victim_rng.choice(model.remote.view.chain()).peer.peer_id
+            swarm.kill(victim)
+        (output * weights).sum().backward()
+        if victim_rng is not None:
+            assert model.remote.view.is_banned(victim)  # backward found it dead and went elsewhere
+        return inputs.grad
+
+    expected = gradient()
+    assert torch.equal(gradient(random.Random(0)), expected)
+    swarm.heal()
