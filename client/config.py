@@ -11,6 +11,8 @@ class ClientConfig:
     blocked_peers: tuple[str, ...] = ()
     # Seconds to wait for a peer's answer to a step or a forward pass.
     request_timeout: float = 60.0
+    # Seconds to wait for a peer's answer to the ping that measures its round trip (routing).
+    ping_timeout: float = 2.0
     # Seconds a peer may keep a new session waiting for cache memory.
     alloc_timeout: float = 30.0
     # Seconds for which a fetched view of the swarm is reused before asking the DHT again.

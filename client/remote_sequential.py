@@ -31,8 +31,8 @@ class RemoteSequential(nn.Module):
     ):
         super().__init__()
         self.model_prefix, self.config = model_prefix, config
-        self.view = view or SwarmView(model_prefix, num_blocks, config)
         self.connections = PeerConnections(config.max_message_bytes)
+        self.view = view or SwarmView(model_prefix, num_blocks, config, self.connections)
         self.start_block = start_block
         self.end_block = num_blocks if end_block is None else end_block
 
@@ -60,7 +60,7 @@ class RemoteSequential(nn.Module):
         for first in range(0, batch, sub_batch):
             rows = slice(first, first + sub_batch)
             hidden = hidden_states[rows]
-            for hop in self.view.chain(self.start_block, self.end_block):
+            for hop in self.view.chain(self.start_block, self.end_block, purpose="training"):
                 prompts = None
                 if deep_prompts is not None:
                     prompts = deep_prompts[hop.start - self.start_block : hop.end - self.start_block, rows]

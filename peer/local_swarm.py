@@ -56,10 +56,11 @@ class SwarmProcess:
         return self.process.returncode
 
 
-def spawn_cli(*args: str) -> SwarmProcess:
+def spawn_cli(*args: str, module: str = "peer.cli") -> SwarmProcess:
+    """Runs `python -m peer.cli ARGS` (or another module exposing the same CLI, e.g. a test's instrumented one)."""
     env = dict(os.environ, PYTHONUNBUFFERED="1", TQDM_DISABLE="1")
     process = subprocess.Popen(
-        [sys.executable, "-m", "peer.cli", *args],
+        [sys.executable, "-m", module, *args],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
     )
     return SwarmProcess(process)
@@ -77,12 +78,12 @@ class PeerHandle:
     address: str
 
 
-def start_peers(model_path: str, initial_peer: str, spans: list[str], *extra: str) -> list[PeerHandle]:
+def start_peers(model_path: str, initial_peer: str, spans: list[str], *extra: str, module: str = "peer.cli") -> list[PeerHandle]:
     """Starts one peer per span ("0:2", ...) at once and waits until each is online."""
     processes = [
         spawn_cli(
             "serve", str(model_path), "--initial-peers", initial_peer, "--blocks", span,
-            "--announce-period", "5", "--num-threads", "1", *extra,
+            "--announce-period", "5", "--num-threads", "1", *extra, module=module,
         )
         for span in spans
     ]

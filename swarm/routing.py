@@ -1,5 +1,10 @@
 """Choosing chains of peers that cover a range of blocks."""
 
+import bisect
+import heapq
+import math
+import random
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from swarm.dht_records import PeerSpan
@@ -39,4 +44,50 @@ def fewest_hops_chain(spans: list[PeerSpan], start: int, end: int, model_prefix:
         hop_end = min(best.end, end)
         chain.append(Hop(best, position, hop_end))
         position = hop_end
+    return chain
+
+
+def lowest_cost_chain(
+    spans: list[PeerSpan], start: int, end: int, hop_cost: Callable[[PeerSpan, int, int], float], model_prefix: str = ""
+) -> list[Hop]:
+    """The chain over [start, end) with the lowest total `hop_cost(peer, hop_start, hop_end)`: Dijkstra over the
+    boundaries where some span starts or ends (a hop may stop at any of them inside its peer's span, to switch to
+    a better peer). A fixed cost per hop in `hop_cost` favours fewer hops."""
+    gaps = missing_blocks(spans, start, end)
+    if gaps:
+        raise MissingBlocksError(model_prefix, gaps)
+    boundaries = sorted({end} | {b for span in spans for b in (span.start, span.end) if start < b < end})
+    best: dict[int, tuple[float, list[Hop]]] = {start: (0.0, [])}
+    frontier = [(0.0, start)]
+    while frontier:
+        cost, position = heapq.heappop(frontier)
+        if position == end:
+            return best[end][1]
+        if cost > best[position][0]:
+            continue
+        for span in spans:
+            if not span.start <= position < span.end:
+                continue
+            reach = min(span.end, end)
+            for hop_end in boundaries[bisect.bisect_right(boundaries, position) : bisect.bisect_right(boundaries, reach)]:
+                new_cost = cost + hop_cost(span, position, hop_end)
+                if new_cost < best.get(hop_end, (math.inf, []))[0]:
+                    best[hop_end] = (new_cost, best[position][1] + [Hop(span, position, hop_end)])
+                    heapq.heappush(frontier, (new_cost, hop_end))
+    raise MissingBlocksError(model_prefix, [end - 1])  # unreachable when there are no gaps
+
+
+def spread_chain(spans: list[PeerSpan], start: int, end: int, rng: random.Random, model_prefix: str = "") -> list[Hop]:
+    """A chain for forward/backward that spreads load: at each position, a peer covering it is drawn with
+    probability proportional to its throughput, and used as far as it reaches."""
+    gaps = missing_blocks(spans, start, end)
+    if gaps:
+        raise MissingBlocksError(model_prefix, gaps)
+    chain, position = [], start
+    while position < end:
+        candidates = [span for span in spans if span.start <= position < span.end]
+        weights = [max(span.record.throughput, 1e-3) for span in candidates]
+        chosen = rng.choices(candidates, weights)[0]
+        chain.append(Hop(chosen, position, min(chosen.end, end)))
+        position = chain[-1].end
     return chain

@@ -115,9 +115,15 @@ def test_training_step_survives_a_kill_between_forward_and_backward(model, swarm
 
     def gradient(victim_rng: random.Random | None = None) -> torch.Tensor:
         inputs = hidden.clone().requires_grad_()
-        output = model.remote(inputs)  # the chain it used is the view's current one
+        used = []
+        calls = model.remote.call
+        model.remote.call = lambda hop, *args: used.append(hop.peer.peer_id) or calls(hop, *args)
+        try:
+            output = model.remote(inputs)
+        finally:
+            del model.remote.call
         if victim_rng is not None:
-            victim = victim_rng.choice(model.remote.view.chain()).peer.peer_id
+            victim = victim_rng.choice(used)
             swarm.kill(victim)
         (output * weights).sum().backward()
         if victim_rng is not None:

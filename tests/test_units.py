@@ -9,7 +9,7 @@ from peer.memory_pool import CacheExhaustedError, CachePool
 from swarm import tensors
 from swarm.dht_records import PeerSpan, ServerRecord, ServerState
 from swarm.errors import MissingBlocksError
-from swarm.routing import fewest_hops_chain
+from swarm.routing import fewest_hops_chain, lowest_cost_chain, spread_chain
 
 
 def span(peer_id: str, start: int, end: int, cache: int = 100) -> PeerSpan:
@@ -77,3 +77,27 @@ def test_cache_pool_waits_and_times_out():
 async def _hold(pool: CachePool, num_bytes: int) -> None:
     async with pool.reserve(num_bytes, timeout=5):
         assert pool.used_bytes == num_bytes
+
+
+def test_lowest_cost_chain_avoids_slow_peers_and_extra_hops():
+    spans = [span("slow", 0, 4), span("fast-a", 0, 2), span("fast-b", 2, 4), span("fast", 0, 4)]
+    delay = {"slow": 50.0, "fast-a": 1.0, "fast-b": 1.0, "fast": 1.0}
+    cost = lambda peer, start, end: delay[peer.peer_id] + 0.1 * (end - start)  # noqa: E731
+    assert [hop.peer.peer_id for hop in lowest_cost_chain(spans, 0, 4, cost)] == ["fast"]
+    assert [(h.start, h.end) for h in lowest_cost_chain(spans, 1, 3, cost)] == [(1, 3)]
+    # A slow peer is left halfway when a fast one takes over from there.
+    mixed = [span("slow", 0, 4), span("fast-b", 2, 4)]
+    assert [(h.peer.peer_id, h.start, h.end) for h in lowest_cost_chain(mixed, 0, 4, lambda p, s, e: delay[p.peer_id] * (e - s))] == [
+        ("slow", 0, 2), ("fast-b", 2, 4)]
+    with pytest.raises(MissingBlocksError):
+        lowest_cost_chain([span("a", 0, 1)], 0, 2, cost)
+
+
+def test_spread_chain_uses_replicas_by_throughput():
+    replicas = [
+        PeerSpan(name, ServerRecord(ServerState.ONLINE, 0, 2, "x:1", "float32", "1", throughput=throughput))
+        for name, throughput in (("a", 100.0), ("b", 100.0), ("c", 1e-9))
+    ]
+    rng = __import__("random").Random(0)
+    picks = [spread_chain(replicas, 0, 2, rng)[0].peer.peer_id for _ in range(400)]
+    assert 150 < picks.count("a") < 250 and 150 < picks.count("b") < 250 and picks.count("c") < 5

@@ -1,0 +1,55 @@
+"""Routing with real peers: inference avoids a slow replica; forward/backward spreads over replicas."""
+
+import time
+from collections import Counter
+
+import pytest
+import torch
+
+from client import AutoDistributedModelForCausalLM
+from peer.local_swarm import start_peers
+
+
+@pytest.fixture(scope="module")
+def replicas(tiny_llama, bootstrap):
+    (slow,) = start_peers(tiny_llama, bootstrap, ["0:4"], module="tests.slow_peer")
+    (fast,) = start_peers(tiny_llama, bootstrap, ["0:4"])
+    yield slow, fast
+    for peer in (slow, fast):
+        peer.process.stop()
+
+
+@pytest.fixture(scope="module")
+def model(tiny_llama, bootstrap, replicas):
+    model = AutoDistributedModelForCausalLM.from_pretrained(
+        tiny_llama, initial_peers=[bootstrap], allowed_peers=tuple(peer.peer_id for peer in replicas)
+    )
+    yield model
+    model.close()
+
+
+def test_inference_picks_the_fast_replica(model, replicas):
+    slow, fast = replicas
+    assert model.remote.view.round_trip(next(s for s in model.remote.view.peer_spans() if s.peer_id == slow.peer_id)) > 0.04
+    input_ids = torch.tensor([[1, 72, 105]])
+    with model.inference_session(max_length=32) as session:
+        started = time.perf_counter()
+        model.generate(input_ids, max_new_tokens=16, do_sample=False)
+        elapsed = time.perf_counter() - started
+        assert [hop.peer.peer_id for hop in session.route] == [fast.peer_id]
+    assert elapsed < 16 * 0.05  # had it gone through the slow peer, every token would have cost 50 ms more
+
+
+def test_forward_backward_spreads_over_replicas(model, replicas):
+    used = Counter()
+    model.remote.view._rng.seed(0)
+    calls = model.remote.call
+    model.remote.call = lambda hop, *args: used.update([hop.peer.peer_id]) or calls(hop, *args)
+    try:
+        for _ in range(30):
+            hidden = torch.randn(1, 4, 64, requires_grad=True)
+            model.remote(hidden).sum().backward()
+    finally:
+        del model.remote.call
+    assert set(used) == {peer.peer_id for peer in replicas}
+    assert min(used.values()) >= 4  # 30 draws weighted by announced throughput (similar for the two)
