@@ -11,27 +11,22 @@ import tempfile
 import torch
 from transformers import LlamaForCausalLM
 
-from bench.common import interleaved_medians
+from bench.common import add_model_arguments, halves, interleaved_medians, model_config
 from client import AutoDistributedModelForCausalLM
 from peer.local_swarm import local_swarm
-from swarm.checkpoint_maker import save_random_checkpoint, tiny_llama_config
+from swarm.checkpoint_maker import save_random_checkpoint
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--hidden", type=int, default=1024)
-    parser.add_argument("--layers", type=int, default=8)
+    add_model_arguments(parser)
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--prompt-tokens", type=int, default=16)
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--vocab", type=int, default=8192)
     parser.add_argument("--peer-threads", type=int, default=1)
     args = parser.parse_args()
 
-    config = tiny_llama_config(
-        hidden_size=args.hidden, num_layers=args.layers, num_heads=args.hidden // 64, num_kv_heads=args.hidden // 64,
-        intermediate_size=int(args.hidden * 2.6875), vocab_size=args.vocab,
-    )
+    config = model_config(args)
     with tempfile.TemporaryDirectory() as folder:
         save_random_checkpoint(folder, config)
         local = LlamaForCausalLM.from_pretrained(folder).eval()
@@ -39,10 +34,9 @@ def main() -> None:
         prompt = torch.randint(3, config.vocab_size, (1, args.prompt_tokens))
         options = dict(max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens, do_sample=False)
 
-        half = args.layers // 2
         # Two peers and the client share this machine's cores: each peer computes with --peer-threads threads.
         peer_args = ("--num-threads", str(args.peer_threads))
-        with local_swarm(folder, [f"0:{half}", f"{half}:{args.layers}"], *peer_args) as bootstrap:
+        with local_swarm(folder, halves(args.layers), *peer_args) as bootstrap:
             swarm = AutoDistributedModelForCausalLM.from_pretrained(folder, initial_peers=[bootstrap])
             try:
                 seconds = interleaved_medians(
@@ -55,7 +49,7 @@ def main() -> None:
 
     local_rate, swarm_rate = args.new_tokens / seconds["local"], args.new_tokens / seconds["swarm"]
     print(f"model: llama {params:.0f}M params (hidden {args.hidden}, {args.layers} layers, fp32), "
-          f"2 peers x {half} blocks on loopback ({args.peer_threads} thread(s) each), batch 1, {args.new_tokens} new tokens, median of {args.repeats}")
+          f"2 peers x {args.layers // 2} blocks on loopback ({args.peer_threads} thread(s) each), batch 1, {args.new_tokens} new tokens, median of {args.repeats}")
     print(f"local transformers: {local_rate:8.1f} tokens/s")
     print(f"swarm:              {swarm_rate:8.1f} tokens/s")
     print(f"ratio swarm/local:  {swarm_rate / local_rate:8.2f}x   (same tokens: {same})")

@@ -16,9 +16,10 @@ import time
 import torch
 from transformers import StoppingCriteria, StoppingCriteriaList
 
+from bench.common import add_model_arguments, halves, model_config
 from client import AutoDistributedModelForCausalLM
 from peer.local_swarm import start_bootstrap, start_peers
-from swarm.checkpoint_maker import save_random_checkpoint, tiny_llama_config
+from swarm.checkpoint_maker import save_random_checkpoint
 
 
 class StepClock(StoppingCriteria):
@@ -40,18 +41,13 @@ class StepClock(StoppingCriteria):
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--hidden", type=int, default=1024)
-    parser.add_argument("--layers", type=int, default=8)
+    add_model_arguments(parser)
     parser.add_argument("--kill-at", type=int, default=32)
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
-    config = tiny_llama_config(
-        hidden_size=args.hidden, num_layers=args.layers, num_heads=args.hidden // 64, num_kv_heads=args.hidden // 64,
-        intermediate_size=int(args.hidden * 2.6875), vocab_size=8192,
-    )
-    half = args.layers // 2
-    spans = [f"0:{half}", f"{half}:{args.layers}"]
+    config = model_config(args)
+    spans = halves(args.layers)
     recoveries, ordinary = [], []
     with tempfile.TemporaryDirectory() as folder:
         save_random_checkpoint(folder, config)

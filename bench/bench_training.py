@@ -13,10 +13,10 @@ import torch
 from transformers import LlamaForCausalLM
 from transformers.masking_utils import create_causal_mask
 
-from bench.common import interleaved_medians
+from bench.common import add_model_arguments, halves, interleaved_medians, model_config
 from client import AutoDistributedModelForCausalLM
 from peer.local_swarm import local_swarm
-from swarm.checkpoint_maker import save_random_checkpoint, tiny_llama_config
+from swarm.checkpoint_maker import save_random_checkpoint
 
 
 def local_blocks_step(model: LlamaForCausalLM, hidden: torch.Tensor, weights: torch.Tensor) -> None:
@@ -38,8 +38,7 @@ def swarm_blocks_step(model, hidden: torch.Tensor, weights: torch.Tensor) -> Non
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--hidden", type=int, default=1024)
-    parser.add_argument("--layers", type=int, default=8)
+    add_model_arguments(parser)
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--length", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=5)
@@ -47,18 +46,14 @@ def main() -> None:
     parser.add_argument("--peer-threads", type=int, default=2)
     args = parser.parse_args()
 
-    config = tiny_llama_config(
-        hidden_size=args.hidden, num_layers=args.layers, num_heads=args.hidden // 64, num_kv_heads=args.hidden // 64,
-        intermediate_size=int(args.hidden * 2.6875), vocab_size=8192,
-    )
-    half = args.layers // 2
+    config = model_config(args)
     with tempfile.TemporaryDirectory() as folder:
         save_random_checkpoint(folder, config)
         local = LlamaForCausalLM.from_pretrained(folder).eval().requires_grad_(False)
         hidden = torch.randn(args.batch, args.length, args.hidden)
         weights = torch.randn(args.batch, args.length, args.hidden)
         peer_args = ("--num-threads", str(args.peer_threads))
-        with local_swarm(folder, [f"0:{half}", f"{half}:{args.layers}"], *peer_args) as bootstrap:
+        with local_swarm(folder, halves(args.layers), *peer_args) as bootstrap:
             swarm = AutoDistributedModelForCausalLM.from_pretrained(folder, initial_peers=[bootstrap])
             try:
                 seconds = interleaved_medians(
@@ -71,7 +66,7 @@ def main() -> None:
     tokens = args.batch * args.length
     local_rate, swarm_rate = tokens / seconds["local"], tokens / seconds["swarm"]
     print(f"forward+backward through {args.layers} blocks (hidden {args.hidden}, fp32), batch {args.batch} x "
-          f"{args.length} tokens, 2 peers x {half} blocks on loopback ({args.peer_threads} thread(s) each), median of {args.repeats}")
+          f"{args.length} tokens, 2 peers x {args.layers // 2} blocks on loopback ({args.peer_threads} thread(s) each), median of {args.repeats}")
     print(f"local transformers: {local_rate:8.1f} tokens/s")
     print(f"swarm:              {swarm_rate:8.1f} tokens/s")
     print(f"ratio swarm/local:  {swarm_rate / local_rate:8.2f}x")

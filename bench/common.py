@@ -1,8 +1,13 @@
 """Helpers shared by the benchmarks."""
 
+import argparse
 import statistics
 import time
 from collections.abc import Callable
+
+from transformers import LlamaConfig
+
+from swarm.checkpoint_maker import tiny_llama_config
 
 
 def timed(function: Callable[[], object]) -> float:
@@ -21,3 +26,22 @@ def interleaved_medians(functions: dict[str, Callable[[], object]], repeats: int
         for name, function in functions.items():
             timings[name].append(timed(function))
     return {name: statistics.median(values) for name, values in timings.items()}
+
+
+def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    """The benchmark model: a random Llama, ~118M parameters by default (hidden 1024, 8 layers, vocab 8192)."""
+    parser.add_argument("--hidden", type=int, default=1024)
+    parser.add_argument("--layers", type=int, default=8)
+    parser.add_argument("--vocab", type=int, default=8192)
+
+
+def model_config(args: argparse.Namespace) -> LlamaConfig:
+    return tiny_llama_config(
+        hidden_size=args.hidden, num_layers=args.layers, num_heads=args.hidden // 64, num_kv_heads=args.hidden // 64,
+        intermediate_size=int(args.hidden * 2.6875), vocab_size=args.vocab,
+    )
+
+
+def halves(layers: int) -> list[str]:
+    """Spans of two peers sharing the blocks equally."""
+    return [f"0:{layers // 2}", f"{layers // 2}:{layers}"]

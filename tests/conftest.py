@@ -1,7 +1,8 @@
 import pytest
+from transformers import LlamaForCausalLM
 
+from peer.local_swarm import start_bootstrap, start_peers
 from swarm.checkpoint_maker import save_random_checkpoint, tiny_llama_config
-from peer.local_swarm import start_bootstrap
 
 
 @pytest.fixture(scope="session")
@@ -16,3 +17,19 @@ def bootstrap():
     node, address = start_bootstrap()
     yield address
     node.stop()
+
+
+@pytest.fixture(scope="session")
+def reference(tiny_llama) -> LlamaForCausalLM:
+    """The same checkpoint in local transformers, the yardstick of every result."""
+    return LlamaForCausalLM.from_pretrained(tiny_llama).eval().requires_grad_(False)
+
+
+@pytest.fixture(scope="module")
+def peers(request, tiny_llama, bootstrap):
+    """One peer per entry of the test module's SPANS ({name: "start:end"}), returned by name."""
+    spans = request.module.SPANS
+    handles = start_peers(tiny_llama, bootstrap, list(spans.values()))
+    yield dict(zip(spans, handles))
+    for handle in handles:
+        handle.process.stop()

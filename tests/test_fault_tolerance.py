@@ -6,7 +6,7 @@ import signal
 
 import pytest
 import torch
-from transformers import LlamaForCausalLM, StoppingCriteria, StoppingCriteriaList
+from transformers import StoppingCriteria, StoppingCriteriaList
 
 from client import AutoDistributedModelForCausalLM
 from peer.local_swarm import start_peers
@@ -67,11 +67,6 @@ def model(tiny_llama, bootstrap, swarm):
     model = AutoDistributedModelForCausalLM.from_pretrained(tiny_llama, initial_peers=[bootstrap], ban_seconds=600)
     yield model
     model.close()
-
-
-@pytest.fixture(scope="module")
-def reference(tiny_llama):
-    return LlamaForCausalLM.from_pretrained(tiny_llama).eval()
 
 
 def generate_with_kill(model, swarm, inputs, options, rng) -> torch.Tensor:

@@ -2,29 +2,15 @@
 
 import pytest
 import torch
-from transformers import LlamaForCausalLM, StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
+from transformers import StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
 
 from client import AutoDistributedModelForCausalLM
 from swarm.checkpoint_maker import byte_tokenizer
 from swarm.errors import MissingBlocksError
-from peer.local_swarm import start_peers
 
 # Peers: one with every block, and pieces that chain as [0:1]+[1:4] and [0:1]+[1:3]+[3:4].
 SPANS = {"full": "0:4", "a": "0:1", "b": "1:3", "c": "3:4", "d": "1:4"}
 CHAINS = {1: ("full",), 2: ("a", "d"), 3: ("a", "b", "c")}
-
-
-@pytest.fixture(scope="module")
-def peers(tiny_llama, bootstrap):
-    handles = start_peers(tiny_llama, bootstrap, list(SPANS.values()))
-    yield dict(zip(SPANS, handles))
-    for handle in handles:
-        handle.process.stop()
-
-
-@pytest.fixture(scope="module")
-def reference(tiny_llama):
-    return LlamaForCausalLM.from_pretrained(tiny_llama).eval()
 
 
 @pytest.fixture(scope="module", params=sorted(CHAINS), ids=lambda hops: f"{hops}-peers")

@@ -1,7 +1,6 @@
 """A peer announces joining -> online -> offline, and shuts down cleanly on SIGTERM and SIGINT."""
 
 import signal
-import time
 
 import hivemind
 import pytest

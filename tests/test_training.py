@@ -5,28 +5,13 @@ import copy
 import pytest
 import torch
 from peft import LoraConfig, get_peft_model, set_peft_model_state_dict
-from transformers import LlamaForCausalLM
 
 from client import AutoDistributedModelForCausalLM
-from peer.local_swarm import start_peers
 
 SPANS = {"full": "0:4", "a": "0:1", "b": "1:4"}
 CHAINS = {1: ("full",), 2: ("a", "b")}
 PREFIX = 3
 LORA = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], lora_dropout=0.0)
-
-
-@pytest.fixture(scope="module")
-def peers(tiny_llama, bootstrap):
-    handles = start_peers(tiny_llama, bootstrap, list(SPANS.values()))
-    yield dict(zip(SPANS, handles))
-    for handle in handles:
-        handle.process.stop()
-
-
-@pytest.fixture(scope="module")
-def reference(tiny_llama):
-    return LlamaForCausalLM.from_pretrained(tiny_llama).eval().requires_grad_(False)
 
 
 @pytest.fixture(params=sorted(CHAINS), ids=lambda hops: f"{hops}-peers")
