@@ -32,9 +32,7 @@ class DistributedModelForSequenceClassification(nn.Module):
     ) -> SequenceClassifierOutputWithPast:
         backbone = self.backbone
         hidden = backbone.family.embed(backbone, input_ids, None)
-        mask = None if attention_mask is None else attention_mask.bool()
-        lora = backbone.lora.factors() if backbone.lora is not None else None
-        hidden = backbone.remote(hidden, None, mask, None, lora, backbone.lora.scaling if lora else 1.0)
+        hidden = backbone.run_blocks(hidden, mask=None if attention_mask is None else attention_mask.bool())
         logits = self.score(backbone.family.final_norm(backbone, hidden))
         pad = backbone.config.pad_token_id
         positions = torch.arange(input_ids.shape[1])

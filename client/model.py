@@ -90,8 +90,7 @@ class DistributedCausalLMMixin:
             if self.prompt_tuning is not None:
                 hidden, position_ids, mask, labels = self._prepend_prompts(hidden, position_ids, mask, labels)
                 deep_prompts, prefix = self.prompt_tuning.batch_deep_prompts(batch), self.prompt_tuning.num_prefix_tokens
-            lora = self.lora.factors() if self.lora is not None else None
-            hidden = self.remote(hidden, position_ids, mask, deep_prompts, lora, self.lora.scaling if self.lora else 1.0)
+            hidden = self.run_blocks(hidden, position_ids, mask, deep_prompts)
         elif self.prompt_tuning is not None:
             raise NotImplementedError("generation with trained prompts is not supported yet; LoRA-tuned models generate")
         elif isinstance(past_key_values, RemotePastKeyValues):
@@ -107,6 +106,12 @@ class DistributedCausalLMMixin:
             loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
         logits = logits[:, prefix:] if logits.shape[1] > prefix else logits
         return CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=past_key_values)
+
+    def run_blocks(self, hidden, position_ids=None, mask=None, deep_prompts=None) -> torch.Tensor:
+        """A stateless, differentiable pass through the remote blocks, with this model's LoRA factors if any."""
+        if self.lora is None:
+            return self.remote(hidden, position_ids, mask, deep_prompts)
+        return self.remote(hidden, position_ids, mask, deep_prompts, self.lora.factors(), self.lora.scaling)
 
     def _prepend_prompts(self, hidden, position_ids, mask, labels):
         """Puts the trainable prompts before every sequence; positions, mask and labels make room for them."""

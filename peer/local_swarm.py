@@ -46,6 +46,8 @@ class SwarmProcess:
         raise TimeoutError(f"no line matching {pattern!r}; output so far:\n{''.join(self.output)}")
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 20.0) -> int:
+        """Sends `sig` to the process (SIGKILL plays a machine dying), waits, then kills whatever is left of its
+        process group: a peer's DHT node and libp2p daemon are child processes that would outlive a killed peer."""
         if self.process.poll() is None:
             self.process.send_signal(sig)
             try:
@@ -53,6 +55,8 @@ class SwarmProcess:
             except subprocess.TimeoutExpired:
                 self.process.kill()
                 self.process.wait()
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(self.process.pid, signal.SIGKILL)
         return self.process.returncode
 
 
@@ -62,6 +66,7 @@ def spawn_cli(*args: str, module: str = "peer.cli") -> SwarmProcess:
     process = subprocess.Popen(
         [sys.executable, "-m", module, *args],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
+        start_new_session=True,  # its own process group, so that stop() can take its children down with it
     )
     return SwarmProcess(process)
 
