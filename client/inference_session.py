@@ -7,6 +7,7 @@ import uuid
 import grpc
 import torch
 
+from client.transport import WATCHDOG
 from swarm import tensors
 from swarm.errors import RemoteError, SwarmError
 from swarm.routing import Hop
@@ -24,12 +25,16 @@ PEER_FAILURES = {"UNAVAILABLE", "CANCELLED", "CLOSED", "DEADLINE_EXCEEDED", "INT
 class HopSession:
     """The session on one peer: sends steps on its stream and waits for each answer in turn."""
 
-    def __init__(self, stub, hop: Hop, batch_size: int, max_length: int, alloc_timeout: float, lora=None, lora_scaling=1.0):
+    def __init__(
+        self, stub, hop: Hop, batch_size: int, max_length: int, alloc_timeout: float, step_timeout: float,
+        lora=None, lora_scaling=1.0,
+    ):
         self.hop = hop
         self.peer = hop.peer.peer_id
         self.dtype = DTYPES[hop.peer.record.dtype]
         self.session_id = uuid.uuid4().hex
         self._step_id = 0
+        self._step_timeout = step_timeout
         self._requests: queue.SimpleQueue = queue.SimpleQueue()
         opening = pb.OpenSession(
             session_id=self.session_id, start_block=hop.start, end_block=hop.end,
@@ -38,17 +43,20 @@ class HopSession:
         add_lora(opening, hop, lora or {}, lora_scaling, self.dtype)
         self._requests.put(pb.InferenceRequest(open=opening))
         self._call = stub.Inference(iter(self._requests.get, _CLOSE))
-        response = self._receive()
+        response = self._receive(alloc_timeout + step_timeout)
         if response.WhichOneof("kind") != "opened":
             raise RemoteError(self.peer, "PROTOCOL", f"expected the session to open, got {response.WhichOneof('kind')}")
 
-    def _receive(self) -> pb.InferenceResponse:
+    def _receive(self, timeout: float) -> pb.InferenceResponse:
+        WATCHDOG.arm(self._call, timeout)
         try:
             return next(self._call)
         except grpc.RpcError as error:
-            raise RemoteError(self.peer, error.code().name, error.details() or "") from None
+            raise RemoteError(self.peer, error.code().name, error.details() or f"no answer within {timeout:.1f}s") from None
         except StopIteration:
             raise RemoteError(self.peer, "CLOSED", "the peer closed the session") from None
+        finally:
+            WATCHDOG.disarm(self._call)
 
     def step(self, hidden_states: torch.Tensor, step_fields: pb.InferenceStep) -> torch.Tensor:
         """Sends the hidden states with `step_fields` (positions, mask, reorder: the same for every hop)."""
@@ -58,7 +66,7 @@ class HopSession:
         )
         step.MergeFrom(step_fields)
         self._requests.put(pb.InferenceRequest(step=step))
-        response = self._receive()
+        response = self._receive(self._step_timeout)
         if response.WhichOneof("kind") == "error":
             raise RemoteError(self.peer, response.error.code, response.error.message)
         return tensors.decode(response.result.hidden_states)
@@ -104,8 +112,9 @@ class InferenceSession:
         try:
             for hop in self.remote.view.chain(start, end):
                 stub = self.remote.connections.stub(hop.peer.record.address)
+                config = self.remote.config
                 opened.append(HopSession(
-                    stub, hop, self._batch_size, self.max_length, self.remote.config.alloc_timeout,
+                    stub, hop, self._batch_size, self.max_length, config.alloc_timeout, config.request_timeout,
                     self.lora, self.lora_scaling,
                 ))
         except BaseException:

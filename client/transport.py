@@ -1,6 +1,7 @@
 """gRPC channels to peers, one per address, and conversion of gRPC failures into RemoteError."""
 
 import threading
+import time
 
 import grpc
 
@@ -38,3 +39,39 @@ def remote_error(peer: str, error: grpc.RpcError) -> RemoteError:
     code = error.code() if hasattr(error, "code") else None
     details = error.details() if hasattr(error, "details") else str(error)
     return RemoteError(peer, code.name if code is not None else "UNKNOWN", details or "")
+
+
+class StreamWatchdog:
+    """Cancels stream calls that wait longer than their deadline for an answer (a hung peer would otherwise block
+    a session forever); the cancelled call fails with CANCELLED, which the session treats as a peer failure.
+
+    One thread for the whole client, waking every `tick` seconds; arming and disarming are dictionary updates, so
+    the hot path pays no thread hand-off.
+    """
+
+    def __init__(self, tick: float = 0.25):
+        self._deadlines: dict[int, tuple[float, grpc.Future]] = {}
+        self._lock = threading.Lock()
+        self._tick = tick
+        threading.Thread(target=self._watch, name="swarm-stream-watchdog", daemon=True).start()
+
+    def arm(self, call, timeout: float) -> None:
+        with self._lock:
+            self._deadlines[id(call)] = (time.monotonic() + timeout, call)
+
+    def disarm(self, call) -> None:
+        with self._lock:
+            self._deadlines.pop(id(call), None)
+
+    def _watch(self) -> None:
+        while True:
+            time.sleep(self._tick)
+            now = time.monotonic()
+            with self._lock:
+                expired = [key for key, (deadline, _) in self._deadlines.items() if deadline < now]
+                calls = [self._deadlines.pop(key)[1] for key in expired]
+            for call in calls:
+                call.cancel()
+
+
+WATCHDOG = StreamWatchdog()

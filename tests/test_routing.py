@@ -53,3 +53,26 @@ def test_forward_backward_spreads_over_replicas(model, replicas):
         del model.remote.call
     assert set(used) == {peer.peer_id for peer in replicas}
     assert min(used.values()) >= 4  # 30 draws weighted by announced throughput (similar for the two)
+
+
+def test_hung_peer_times_out_and_is_replaced(tiny_llama, bootstrap, replicas, reference, monkeypatch):
+    monkeypatch.setenv("SWARM_TEST_PEER_DELAY", "5")
+    (hung,) = start_peers(tiny_llama, bootstrap, ["0:4"], module="tests.slow_peer")
+    fast = replicas[1]
+    model = AutoDistributedModelForCausalLM.from_pretrained(
+        tiny_llama, initial_peers=[bootstrap], allowed_peers=(hung.peer_id, fast.peer_id), request_timeout=1.0
+    )
+    try:
+        view = model.remote.view
+        for span in view.peer_spans():  # pretend the hung peer answered its ping at once, so the router picks it
+            view._rtts[span.peer_id] = (0.0 if span.peer_id == hung.peer_id else 0.5, time.monotonic())
+        assert [hop.peer.peer_id for hop in view.chain()] == [hung.peer_id]
+        input_ids = torch.tensor([[1, 72, 105, 33]])
+        with model.inference_session(max_length=32) as session:
+            output = model.generate(input_ids, max_new_tokens=8, do_sample=False)
+            assert [hop.peer.peer_id for hop in session.route] == [fast.peer_id]
+        assert view.is_banned(hung.peer_id)
+        assert torch.equal(output, reference.generate(input_ids, max_new_tokens=8, do_sample=False))
+    finally:
+        model.close()
+        hung.process.stop()
