@@ -137,7 +137,8 @@ class BlockSpan(nn.Module):
 
 def serving_config(config: PretrainedConfig, family: Family) -> PretrainedConfig:
     """The config peers run with: the attention kernel local `transformers` would pick, so results match it."""
-    config._attn_implementation = family.attention_implementation(config)
+    # Building the family's model (on meta, no blocks) runs transformers' own choice of kernel for this config.
+    config._attn_implementation = meta_model(family, config, num_layers=0).config._attn_implementation
     return config
 
 

@@ -7,7 +7,6 @@ per-layer-type rotary) are computed the way its base model computes them. A fami
 interface is a small subclass of `Family` overriding only what differs.
 """
 
-import copy
 import importlib
 import inspect
 import math
@@ -64,14 +63,6 @@ class Family:
 
     def block_prefix(self, index: int) -> str:
         return f"{self.layers_prefix}.{index}."
-
-    def attention_implementation(self, config: PretrainedConfig) -> str:
-        """The attention kernel local `transformers` picks for this config (sdpa, or eager where sdpa cannot do it)."""
-        probe_config = copy.deepcopy(config)
-        probe_config.num_hidden_layers = 0
-        with torch.device("meta"):
-            probe = self.causal_lm_class(probe_config)
-        return probe.config._attn_implementation
 
     def make_layer(self, config: PretrainedConfig, index: int) -> nn.Module:
         return self.layer_class(config, index)

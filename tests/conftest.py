@@ -1,6 +1,9 @@
+import contextlib
+
 import pytest
 from transformers import LlamaForCausalLM
 
+from client import AutoDistributedModelForCausalLM
 from peer.local_swarm import start_bootstrap, start_peers
 from swarm.checkpoint_maker import save_random_checkpoint, tiny_llama_config
 
@@ -33,3 +36,25 @@ def peers(request, tiny_llama, bootstrap):
     yield dict(zip(spans, handles))
     for handle in handles:
         handle.process.stop()
+
+
+@pytest.fixture
+def served(bootstrap):
+    """`with served(path, spans) as model:` a client model routed only through fresh peers serving `spans`."""
+
+    @contextlib.contextmanager
+    def serve(path: str, spans: list[str]):
+        peers = start_peers(path, bootstrap, spans)
+        try:
+            model = AutoDistributedModelForCausalLM.from_pretrained(
+                path, initial_peers=[bootstrap], allowed_peers=tuple(peer.peer_id for peer in peers)
+            )
+            try:
+                yield model
+            finally:
+                model.close()
+        finally:
+            for peer in peers:
+                peer.process.stop()
+
+    return serve

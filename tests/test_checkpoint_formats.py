@@ -4,8 +4,6 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, LlamaForCausalLM
 
-from client import AutoDistributedModelForCausalLM
-from peer.local_swarm import start_peers
 from swarm.checkpoint import Checkpoint
 from swarm.checkpoint_maker import save_random_checkpoint, tiny_llama_config
 
@@ -27,25 +25,17 @@ def save(path, dtype, max_shard_size=None, safe_serialization=True, seed=0) -> s
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name", sorted(FORMATS))
-def test_format_serves_local_tokens(name, tmp_path, bootstrap):
+def test_format_serves_local_tokens(name, tmp_path, served):
     path = save(tmp_path / name, **FORMATS[name])
     dtype = FORMATS[name]["dtype"]
     reference = AutoModelForCausalLM.from_pretrained(path, dtype="auto").eval()
     assert reference.dtype == dtype
-    peers = start_peers(path, bootstrap, ["0:3", "3:4"])  # --dtype auto: the checkpoint's
-    model = AutoDistributedModelForCausalLM.from_pretrained(
-        path, initial_peers=[bootstrap], allowed_peers=tuple(peer.peer_id for peer in peers)
-    )
-    try:
+    with served(path, ["0:3", "3:4"]) as model:  # peers serve with --dtype auto: the checkpoint's
         assert model.dtype == dtype
         assert {hop.peer.record.dtype for hop in model.remote.view.chain()} == {str(dtype).removeprefix("torch.")}
         input_ids = torch.tensor([[1, 72, 101, 108, 108, 111, 32, 119]])
         expected = reference.generate(input_ids, max_new_tokens=12, do_sample=False)
         assert torch.equal(model.generate(input_ids, max_new_tokens=12, do_sample=False), expected)
-    finally:
-        model.close()
-        for peer in peers:
-            peer.process.stop()
 
 
 def test_model_prefix_follows_weights_not_layout(tmp_path):

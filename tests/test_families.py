@@ -5,8 +5,6 @@ import torch
 from transformers import AutoModelForCausalLM
 from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
-from client import AutoDistributedModelForCausalLM
-from peer.local_swarm import start_peers
 from swarm.errors import UnsupportedModelError
 from swarm.families import ADAPTED_FAMILIES, TESTED_FAMILIES, family_for
 
@@ -57,14 +55,10 @@ def test_every_tested_family_has_a_config_here():
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name", sorted(CONFIGS))
-def test_family_matches_local_transformers(name, tmp_path, bootstrap):
+def test_family_matches_local_transformers(name, tmp_path, served):
     path = make_checkpoint(tmp_path / name, name)
     reference = AutoModelForCausalLM.from_pretrained(path).eval()
-    peers = start_peers(path, bootstrap, ["0:1", "1:4"])
-    model = AutoDistributedModelForCausalLM.from_pretrained(
-        path, initial_peers=[bootstrap], allowed_peers=tuple(peer.peer_id for peer in peers)
-    )
-    try:
+    with served(path, ["0:1", "1:4"]) as model:
         assert [(hop.start, hop.end) for hop in model.remote.view.chain()] == [(0, 1), (1, 4)]
         input_ids = torch.tensor([[5, 17, 42, 99, 7, 250, 31, 64, 12, 3]])
         with torch.no_grad():
@@ -72,10 +66,6 @@ def test_family_matches_local_transformers(name, tmp_path, bootstrap):
         assert torch.allclose(model(input_ids).logits, expected_logits, atol=1e-4, rtol=0)
         expected = reference.generate(input_ids, max_new_tokens=12, do_sample=False)
         assert torch.equal(model.generate(input_ids, max_new_tokens=12, do_sample=False), expected)
-    finally:
-        model.close()
-        for peer in peers:
-            peer.process.stop()
 
 
 def test_unsupported_family_is_named(tmp_path):
