@@ -8,9 +8,11 @@ import grpc
 import torch
 
 from peer.memory_pool import CacheExhaustedError, CachePool
-from peer.runtime import PRIORITY_FORWARD, PRIORITY_INFERENCE, ComputeRuntime
-from peer.sessions import InferenceSessionState
-from peer.training import check_lora_scaling, decode_grad_outputs, decode_job, decode_lora, run_backward, run_forward
+from peer.runtime import ComputeRuntime
+from peer.sessions import InferenceSessionState, StepWork
+from peer.training import (
+    check_lora_scaling, decode_grad_outputs, decode_job, decode_lora, merge_group, run_backward, run_forward,
+)
 from peer.validation import InvalidRequest, check_block_range, decode_span_inputs, decode_tensor
 from swarm import tensors
 from swarm.blocks import BlockSpan
@@ -45,9 +47,8 @@ class SwarmPeerServicer(pb_grpc.SwarmPeerServicer):
 
     @property
     def cache_tokens_left(self) -> int:
-        """Free pool memory in tokens of a full-span, batch-1 session (what the peer announces)."""
-        per_token = InferenceSessionState.cache_bytes(self.span, len(self.span.layers), 1, 1, self.dtype)
-        return self.pool.free_bytes // per_token
+        """Free pages of the KV pool, in tokens (what the peer announces)."""
+        return self.pool.free_tokens
 
     async def Info(self, request: pb.InfoRequest, context) -> pb.InfoResponse:
         return pb.InfoResponse(
@@ -59,6 +60,7 @@ class SwarmPeerServicer(pb_grpc.SwarmPeerServicer):
             cache_tokens_left=self.cache_tokens_left,
             hidden_size=self.hidden_size,
             max_message_bytes=self.max_message_bytes,
+            largest_batch=self.runtime.largest_pass,
         )
 
     async def Forward(self, request: pb.ForwardRequest, context) -> pb.ForwardResponse:
@@ -66,7 +68,7 @@ class SwarmPeerServicer(pb_grpc.SwarmPeerServicer):
             job = decode_job(request, self.span, self.dtype)
         except InvalidRequest as error:
             await context.abort(getattr(grpc.StatusCode, error.code), str(error))
-        output = await self.runtime.run(PRIORITY_FORWARD, run_forward, self.span, job)
+        output = await self.runtime.run(run_forward, job, merge_group(job))
         return pb.ForwardResponse(hidden_states=tensors.encode(output))
 
     async def Backward(self, request: pb.BackwardRequest, context) -> pb.BackwardResponse:
@@ -75,7 +77,7 @@ class SwarmPeerServicer(pb_grpc.SwarmPeerServicer):
             grad_outputs = decode_grad_outputs(request.grad_outputs, job)
         except InvalidRequest as error:
             await context.abort(getattr(grpc.StatusCode, error.code), str(error))
-        return await self.runtime.run(PRIORITY_FORWARD, run_backward, self.span, job, grad_outputs)
+        return await self.runtime.run(run_backward, (job, grad_outputs), merge_group(job))
 
     async def Inference(self, request_iterator, context) -> AsyncIterator[pb.InferenceResponse]:
         requests = aiter(request_iterator)
@@ -95,15 +97,13 @@ class SwarmPeerServicer(pb_grpc.SwarmPeerServicer):
             lora_scaling = check_lora_scaling(opening.lora_scaling) if lora else 1.0
         except InvalidRequest as error:
             await context.abort(getattr(grpc.StatusCode, error.code), str(error))
-        num_bytes = InferenceSessionState.cache_bytes(
-            self.span, opening.end_block - opening.start_block, opening.batch_size, opening.max_length, self.dtype
-        )
+        num_pages = self.pool.pages_for(opening.max_length) * opening.batch_size
         timeout = min(max(opening.alloc_timeout, 0.0), MAX_ALLOC_TIMEOUT)
         try:
-            async with self.pool.reserve(num_bytes, timeout):
+            async with self.pool.reserve(num_pages, timeout) as pages:
                 session = InferenceSessionState(
-                    opening.session_id, self.span, opening.start_block, opening.end_block,
-                    opening.batch_size, opening.max_length, lora, lora_scaling,
+                    opening.session_id, self.span.start, opening.start_block, opening.end_block,
+                    opening.batch_size, opening.max_length, pages, lora, lora_scaling,
                 )
                 self.open_sessions[session.session_id] = session
                 self.on_cache_change()
@@ -115,6 +115,9 @@ class SwarmPeerServicer(pb_grpc.SwarmPeerServicer):
                         yield response
                 finally:
                     del self.open_sessions[session.session_id]
+                    session.closed = True
+                    if session.last_step is not None:  # its pages must not be reused while a pass may write them
+                        await asyncio.wait([session.last_step])
             self.on_cache_change()
         except CacheExhaustedError as error:
             await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(error))
@@ -127,12 +130,13 @@ class SwarmPeerServicer(pb_grpc.SwarmPeerServicer):
                     raise InvalidRequest("a session is already open on this stream", "FAILED_PRECONDITION")
                 if step.session_id != session.session_id:
                     raise InvalidRequest(f"unknown session {step.session_id!r} on this stream", "NOT_FOUND")
-                arguments = self._decode_step(session, step)
+                work = self._decode_step(session, step)
             except InvalidRequest as error:
                 yield pb.InferenceResponse(error=pb.StepError(step_id=step.step_id, code=error.code, message=str(error)))
                 continue
+            session.last_step = self.runtime.submit_step(work)
             try:
-                output = await self.runtime.run(PRIORITY_INFERENCE, session.step, *arguments)
+                output = await asyncio.shield(session.last_step)
             except Exception as error:  # the cache may be half-written: end the session rather than serve wrong tokens
                 logger.exception(f"session {session.session_id} failed")
                 await context.abort(grpc.StatusCode.INTERNAL, f"step failed on the peer, session closed: {error!r}")
@@ -140,7 +144,7 @@ class SwarmPeerServicer(pb_grpc.SwarmPeerServicer):
                 result=pb.StepResult(step_id=step.step_id, hidden_states=tensors.encode(output), position=session.position)
             )
 
-    def _decode_step(self, session: InferenceSessionState, step: pb.InferenceStep) -> tuple:
+    def _decode_step(self, session: InferenceSessionState, step: pb.InferenceStep) -> StepWork:
         start_position = step.start_position if step.has_start_position else None
         if start_position is not None and not 0 <= start_position <= session.position:
             raise InvalidRequest(f"start_position {start_position} is outside [0, {session.position}]")
@@ -162,7 +166,9 @@ class SwarmPeerServicer(pb_grpc.SwarmPeerServicer):
                 raise InvalidRequest(f"beam_reorder must be int64 [{session.batch_size}]")
             if beam_reorder.min() < 0 or beam_reorder.max() >= session.batch_size:
                 raise InvalidRequest(f"beam_reorder indices must be in [0, {session.batch_size})")
-        return inputs.hidden_states, inputs.position_ids, inputs.attention_mask, beam_reorder, start_position
+        return StepWork(
+            session, inputs.hidden_states, inputs.position_ids, inputs.attention_mask, beam_reorder, start_position
+        )
 
     async def _next_request(self, requests, context) -> pb.InferenceRequest | None:
         """The next message of the stream, None when the client closed it; an idle session times out."""

@@ -1,4 +1,4 @@
-"""A fixed budget of KV-cache memory shared by the sessions of one peer."""
+"""The budget of KV-cache pages shared by the sessions of one peer."""
 
 import asyncio
 import contextlib
@@ -10,36 +10,40 @@ class CacheExhaustedError(Exception):
 
 
 class CachePool:
-    """Counts bytes reserved for KV caches; sessions wait (up to a timeout) while the pool is full."""
+    """Hands out page numbers of the peer's PagedKV; sessions wait (up to a timeout) while too few are free."""
 
-    def __init__(self, capacity_bytes: int):
-        self.capacity_bytes = capacity_bytes
-        self.used_bytes = 0
+    def __init__(self, num_pages: int, page_size: int):
+        self.num_pages, self.page_size = num_pages, page_size
+        self._free = list(range(num_pages))
         self._freed = asyncio.Condition()
 
     @property
-    def free_bytes(self) -> int:
-        return self.capacity_bytes - self.used_bytes
+    def free_tokens(self) -> int:
+        return len(self._free) * self.page_size
+
+    def pages_for(self, num_tokens: int) -> int:
+        return -(-num_tokens // self.page_size)
 
     @contextlib.asynccontextmanager
-    async def reserve(self, num_bytes: int, timeout: float) -> AsyncIterator[None]:
-        if num_bytes > self.capacity_bytes:
+    async def reserve(self, num_pages: int, timeout: float) -> AsyncIterator[list[int]]:
+        if num_pages > self.num_pages:
             raise CacheExhaustedError(
-                f"the session needs {num_bytes} bytes of cache but this peer's whole pool is {self.capacity_bytes}; "
-                "ask for a smaller max_length or batch"
+                f"the session needs {num_pages * self.page_size} tokens of cache but this peer's whole pool holds "
+                f"{self.num_pages * self.page_size}; ask for a smaller max_length or batch"
             )
         async with self._freed:
             try:
-                await asyncio.wait_for(self._freed.wait_for(lambda: num_bytes <= self.free_bytes), timeout)
+                await asyncio.wait_for(self._freed.wait_for(lambda: num_pages <= len(self._free)), timeout)
             except TimeoutError:
                 raise CacheExhaustedError(
-                    f"the cache pool stayed full for {timeout:.1f}s ({self.free_bytes} of {self.capacity_bytes} bytes "
-                    f"free, {num_bytes} needed); try again later or use another peer"
+                    f"the cache pool stayed full for {timeout:.1f}s ({self.free_tokens} of "
+                    f"{self.num_pages * self.page_size} tokens free, {num_pages * self.page_size} needed); "
+                    "try again later or use another peer"
                 ) from None
-            self.used_bytes += num_bytes
+            pages, self._free = self._free[:num_pages], self._free[num_pages:]
         try:
-            yield
+            yield pages
         finally:
             async with self._freed:
-                self.used_bytes -= num_bytes
+                self._free.extend(pages)
                 self._freed.notify_all()

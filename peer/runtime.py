@@ -1,46 +1,170 @@
-"""The one thread that owns the device: runs compute jobs queued by the asyncio handlers, inference first."""
+"""The one thread that owns the device: batches the work the asyncio handlers queue, inference first.
+
+Each round takes every queued inference step, groups the steps that can share a pass (`batching.pass_key`) and
+runs each group as one batched forward per block; long prefills advance one chunk per round so that decoding
+sessions are not stalled behind them. Forward and backward requests run when no step waits, queued requests of
+the same kind and shape merged into one pass.
+"""
 
 import asyncio
-import itertools
-import queue
 import threading
-from collections.abc import Callable
+from collections import deque
+from collections.abc import Callable, Hashable
+from dataclasses import dataclass
 from typing import Any
 
-PRIORITY_INFERENCE = 0
-PRIORITY_FORWARD = 1
+import torch
+
+from peer.batching import pass_key, run_pass
+from peer.kv_pages import PagedKV
+from peer.sessions import StepWork
+from swarm.blocks import BlockSpan
+
+PREFILL_CHUNK = 256  # tokens of one step run per round; decode steps of other sessions go in between
+MAX_PASS_ROWS = 256  # rows of one batched pass
+MAX_MERGED_JOBS = 64  # forward or backward requests merged into one pass
+
+
+class SessionClosedError(Exception):
+    """A queued step's session closed before the step ran."""
+
+
+@dataclass
+class _Waiter:
+    loop: asyncio.AbstractEventLoop
+    future: asyncio.Future
+
+
+@dataclass
+class _Job:
+    function: Callable[[BlockSpan, list], list]  # runs many items at once, one result per item
+    item: Any
+    group: Hashable | None  # queued jobs with the same function and group may be merged; None: never
+    waiter: _Waiter
 
 
 class ComputeRuntime:
-    def __init__(self, name: str = "swarm-compute"):
-        self._jobs: queue.PriorityQueue = queue.PriorityQueue()
-        self._order = itertools.count()  # keeps FIFO order among jobs of equal priority
+    def __init__(self, span: BlockSpan, kv: PagedKV, name: str = "swarm-compute"):
+        self.span, self.kv = span, kv
+        self.largest_pass = 0  # most sessions seen in one batched pass, reported by Info
+        self._steps: deque[tuple[StepWork, _Waiter]] = deque()
+        self._jobs: deque[_Job] = deque()
+        self._wake = threading.Condition()
+        self._stopping = False
         self._thread = threading.Thread(target=self._work, name=name, daemon=True)
         self._thread.start()
 
-    async def run(self, priority: int, function: Callable[..., Any], *args: Any) -> Any:
-        loop = asyncio.get_running_loop()
-        future = loop.create_future()
-        self._jobs.put((priority, next(self._order), function, args, loop, future))
-        return await future
+    def submit_step(self, work: StepWork) -> "asyncio.Future[torch.Tensor]":
+        """Queues an inference step (run with whatever other steps are queued); the future gets its output.
+
+        Call from the event loop. The future is resolved even if its awaiter is cancelled, so that a closing
+        session can wait for its last step before its pages go back to the pool.
+        """
+        waiter = _new_waiter()
+        with self._wake:
+            self._steps.append((work, waiter))
+            self._wake.notify()
+        return waiter.future
+
+    async def run(self, function: Callable[[BlockSpan, list], list], item: Any, group: Hashable | None = None) -> Any:
+        """Runs `function(span, [item, ...])` for a forward or backward request and returns this item's result."""
+        waiter = _new_waiter()
+        with self._wake:
+            self._jobs.append(_Job(function, item, group, waiter))
+            self._wake.notify()
+        return await waiter.future
 
     def shutdown(self) -> None:
-        self._jobs.put((-1, -1, None, (), None, None))
+        with self._wake:
+            self._stopping = True
+            self._wake.notify()
         self._thread.join(timeout=10)
 
     def _work(self) -> None:
         while True:
-            _, _, function, args, loop, future = self._jobs.get()
-            if function is None:
-                return
-            try:
-                result, error = function(*args), None
-            except BaseException as exception:  # handed to the waiting handler, which decides what the client sees
-                result, error = None, exception
-            loop.call_soon_threadsafe(_resolve, future, result, error)
+            with self._wake:
+                self._wake.wait_for(lambda: self._steps or self._jobs or self._stopping)
+                if self._stopping:
+                    return
+                steps, jobs = list(self._steps), []
+                self._steps.clear()
+                if not steps:
+                    jobs = self._take_mergeable_jobs()
+            if steps:
+                self._run_steps(steps)
+            else:
+                self._run_jobs(jobs)
+
+    def _run_steps(self, steps: list[tuple[StepWork, _Waiter]]) -> None:
+        groups: dict[tuple, list[tuple[StepWork, _Waiter]]] = {}
+        for work, waiter in steps:
+            if work.session.closed:
+                _resolve(waiter, None, SessionClosedError(f"session {work.session.session_id} was closed"))
+                continue
+            groups.setdefault(pass_key(work, min(work.remaining_tokens, PREFILL_CHUNK)), []).append((work, waiter))
+        unfinished = []
+        for key in sorted(groups, key=lambda key: key[-1]):  # decode steps (fewest tokens) first
+            for batch in _limit_rows(groups[key]):
+                self.largest_pass = max(self.largest_pass, len(batch))
+                try:
+                    run_pass(self.span, self.kv, [work for work, _ in batch], key[-1])
+                except Exception as error:  # the sessions' caches may be half-written: each handler closes its session
+                    for _, waiter in batch:
+                        _resolve(waiter, None, error)
+                    continue
+                for work, waiter in batch:
+                    if work.remaining_tokens:
+                        unfinished.append((work, waiter))
+                    else:
+                        _resolve(waiter, work.output(), None)
+        if unfinished:
+            with self._wake:
+                self._steps.extendleft(reversed(unfinished))
+
+    def _take_mergeable_jobs(self) -> list[_Job]:
+        first = self._jobs.popleft()
+        jobs = [first]
+        if first.group is not None:
+            for job in list(self._jobs):
+                if len(jobs) == MAX_MERGED_JOBS:
+                    break
+                if job.function is first.function and job.group == first.group:
+                    jobs.append(job)
+                    self._jobs.remove(job)
+        return jobs
+
+    def _run_jobs(self, jobs: list[_Job]) -> None:
+        try:
+            results, error = jobs[0].function(self.span, [job.item for job in jobs]), None
+        except Exception as exception:  # handed to the waiting handlers, which decide what the clients see
+            results, error = [None] * len(jobs), exception
+        for job, result in zip(jobs, results):
+            _resolve(job.waiter, result, error)
 
 
-def _resolve(future: asyncio.Future, result: Any, error: BaseException | None) -> None:
+def _limit_rows(batch: list[tuple[StepWork, _Waiter]]) -> list[list[tuple[StepWork, _Waiter]]]:
+    """Splits a group into passes of at most MAX_PASS_ROWS rows (a session's rows stay together)."""
+    passes, rows = [[]], 0
+    for entry in batch:
+        size = entry[0].session.batch_size
+        if passes[-1] and rows + size > MAX_PASS_ROWS:
+            passes.append([])
+            rows = 0
+        passes[-1].append(entry)
+        rows += size
+    return passes
+
+
+def _new_waiter() -> _Waiter:
+    loop = asyncio.get_running_loop()
+    return _Waiter(loop, loop.create_future())
+
+
+def _resolve(waiter: _Waiter, result: Any, error: BaseException | None) -> None:
+    waiter.loop.call_soon_threadsafe(_set_result, waiter.future, result, error)
+
+
+def _set_result(future: asyncio.Future, result: Any, error: BaseException | None) -> None:
     if future.cancelled():
         return
     if error is not None:

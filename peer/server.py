@@ -13,8 +13,8 @@ import torch
 from peer.announcer import Announcer
 from peer.handler import SwarmPeerServicer
 from peer.memory_pool import CachePool
+from peer.kv_pages import PAGE_SIZE, PagedKV
 from peer.runtime import ComputeRuntime
-from peer.sessions import InferenceSessionState
 from peer.throughput import measure_throughput
 from swarm.blocks import BlockSpan
 from swarm.checkpoint import Checkpoint
@@ -71,7 +71,6 @@ class Peer:
         )
         start, end = config.blocks or self._choose_blocks()
         self.start, self.end = start, end
-        self.runtime = ComputeRuntime()
         self.announcer = Announcer(self.dht, self.model_prefix, self._model_info(), self._record, config.announce_period)
         await self.announcer.announce()  # joining
         loop = asyncio.get_running_loop()
@@ -79,9 +78,10 @@ class Peer:
             None, BlockSpan.from_checkpoint, self.checkpoint, start, end, self.dtype, config.device
         )
         self.throughput = await loop.run_in_executor(None, measure_throughput, self.span, self.dtype)
-        per_token = InferenceSessionState.cache_bytes(self.span, end - start, 1, 1, self.dtype)
+        pool = CachePool(-(-config.cache_tokens // PAGE_SIZE), PAGE_SIZE)
+        self.runtime = ComputeRuntime(self.span, PagedKV(end - start, pool.num_pages, PAGE_SIZE))
         self.servicer = SwarmPeerServicer(
-            self.span, self.dtype, self.model_prefix, self.runtime, CachePool(config.cache_tokens * per_token),
+            self.span, self.dtype, self.model_prefix, self.runtime, pool,
             config.max_message_bytes, config.session_idle_timeout, on_cache_change=self.announcer.announce_soon,
         )
         server = grpc.aio.server(

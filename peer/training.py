@@ -103,13 +103,24 @@ def decode_grad_outputs(message: pb.Tensor, job: SpanJob) -> torch.Tensor:
     return grad
 
 
-def run_forward(span: BlockSpan, job: SpanJob) -> torch.Tensor:
+def merge_group(job: SpanJob) -> tuple | None:
+    """Jobs with equal keys can run as one batch; jobs carrying trainable tensors of their own always run alone."""
+    if job.deep_prompts is not None or job.lora:
+        return None
+    return job.blocks.start, job.blocks.stop, job.inputs.hidden_states.shape[1]
+
+
+def run_forward(span: BlockSpan, jobs: list[SpanJob]) -> list[torch.Tensor]:
+    job = _merged(jobs)
     with torch.inference_mode(), lora_applied(span, job.lora, job.lora_scaling):
-        return _run(span, job, job.inputs.hidden_states, job.deep_prompts)
+        output = _run(span, job, job.inputs.hidden_states, job.deep_prompts)
+    return list(output.split(_batch_sizes(jobs)))
 
 
-def run_backward(span: BlockSpan, job: SpanJob, grad_outputs: torch.Tensor) -> pb.BackwardResponse:
-    """Recomputes the forward pass with gradients on; returns the gradients of everything the client sent."""
+def run_backward(span: BlockSpan, items: list[tuple[SpanJob, torch.Tensor]]) -> list[pb.BackwardResponse]:
+    """Recomputes the forward pass with gradients on; returns the gradients of everything each client sent."""
+    jobs = [job for job, _ in items]
+    job, grad_outputs = _merged(jobs), torch.cat([grad for _, grad in items])
     with torch.enable_grad():
         hidden = job.inputs.hidden_states.clone().requires_grad_(True)
         prompts = None if job.deep_prompts is None else job.deep_prompts.clone().requires_grad_(True)
@@ -117,14 +128,31 @@ def run_backward(span: BlockSpan, job: SpanJob, grad_outputs: torch.Tensor) -> p
         leaves = [hidden] + ([prompts] if prompts is not None else []) + [t for pair in lora.values() for t in pair]
         with lora_applied(span, lora, job.lora_scaling):
             output = _run(span, job, hidden, prompts)
-        grads = iter(torch.autograd.grad(output, leaves, grad_outputs))
+        grads = torch.autograd.grad(output, leaves, grad_outputs)
+    if len(items) > 1:  # merged jobs carry nothing but hidden states
+        return [pb.BackwardResponse(grad_hidden_states=tensors.encode(grad)) for grad in grads[0].split(_batch_sizes(jobs))]
+    grads = iter(grads)
     response = pb.BackwardResponse(grad_hidden_states=tensors.encode(next(grads)))
     if prompts is not None:
         response.grad_deep_prompts.CopyFrom(tensors.encode(next(grads)))
     for name in lora:
         for kind in ("lora_A", "lora_B"):
             response.grad_lora.add(name=f"{name}.{kind}", tensor=tensors.encode(next(grads)))
-    return response
+    return [response]
+
+
+def _batch_sizes(jobs: list[SpanJob]) -> list[int]:
+    return [job.inputs.hidden_states.shape[0] for job in jobs]
+
+
+def _merged(jobs: list[SpanJob]) -> SpanJob:
+    """One job running the rows of all `jobs` (which share a `merge_group`, or are a single job)."""
+    if len(jobs) == 1:
+        return jobs[0]
+    def rows(name: str) -> torch.Tensor:
+        return torch.cat([getattr(job.inputs, name) for job in jobs])
+
+    return SpanJob(SpanInputs(rows("hidden_states"), rows("position_ids"), rows("attention_mask")), jobs[0].blocks)
 
 
 def _run(span: BlockSpan, job: SpanJob, hidden: torch.Tensor, prompts: torch.Tensor | None) -> torch.Tensor:

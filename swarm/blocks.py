@@ -1,80 +1,13 @@
-"""A contiguous span of transformer blocks, run with or without a per-session KV cache."""
+"""A contiguous span of transformer blocks, run with or without a KV cache."""
 
 import torch
 from torch import nn
 from transformers import PretrainedConfig
-from transformers.cache_utils import Cache, DynamicLayer
+from transformers.cache_utils import Cache
 
 from swarm.checkpoint import Checkpoint
 from swarm.families import Family, family_for
 from swarm.model_loading import load_parts, meta_model, meta_tensors
-
-
-class ReservedKVLayer(DynamicLayer):
-    """One block's KV cache in a buffer reserved for `max_length` tokens up front.
-
-    It behaves like `transformers`' DynamicLayer (the attention sees exactly the tokens so far, as in local
-    generation) but never reallocates, so a session's memory is fixed when it opens.
-    """
-
-    def __init__(self, max_length: int):
-        super().__init__()
-        self.max_length = max_length
-        self.length = 0
-        self._key_buffer: torch.Tensor | None = None
-        self._value_buffer: torch.Tensor | None = None
-
-    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
-        batch, heads, _, key_dim = key_states.shape
-        self.dtype, self.device = key_states.dtype, key_states.device
-        self._key_buffer = key_states.new_empty(batch, heads, self.max_length, key_dim)
-        self._value_buffer = value_states.new_empty(batch, heads, self.max_length, value_states.shape[-1])
-        self.is_initialized = True
-
-    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
-        if not self.is_initialized:
-            self.lazy_initialization(key_states, value_states)
-        end = self.length + key_states.shape[-2]
-        if end > self.max_length:
-            raise ValueError(f"the session reserved {self.max_length} tokens; this step would need {end}")
-        self._key_buffer[:, :, self.length : end] = key_states
-        self._value_buffer[:, :, self.length : end] = value_states
-        self.length = end
-        self.keys, self.values = self._key_buffer[:, :, :end], self._value_buffer[:, :, :end]
-        return self.keys, self.values
-
-    def get_seq_length(self) -> int:
-        return self.length
-
-    def truncate(self, length: int) -> None:
-        """Forget every token from position `length` on (rollback)."""
-        self.length = min(self.length, length)
-        if self.is_initialized:
-            self.keys, self.values = self._key_buffer[:, :, : self.length], self._value_buffer[:, :, : self.length]
-
-    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
-        if self.is_initialized and self.length > 0:
-            for buffer in (self._key_buffer, self._value_buffer):
-                buffer[:, :, : self.length] = buffer[:, :, : self.length].index_select(0, beam_idx.to(buffer.device))
-
-
-class SpanCache(Cache):
-    """The KV cache of one session: a ReservedKVLayer per block it runs through.
-
-    Layers of a BlockSpan index the cache from the span's start; a session may use a sub-range of the span that
-    begins `offset` blocks in, so updates are shifted by that much.
-    """
-
-    def __init__(self, num_blocks: int, max_length: int, offset: int = 0):
-        super().__init__(layers=[ReservedKVLayer(max_length) for _ in range(num_blocks)])
-        self.offset = offset
-
-    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
-        return self.layers[layer_idx - self.offset].update(key_states, value_states, *args, **kwargs)
-
-    def truncate(self, length: int) -> None:
-        for layer in self.layers:
-            layer.truncate(length)
 
 
 class BlockSpan(nn.Module):
@@ -113,7 +46,7 @@ class BlockSpan(nn.Module):
         hidden_states: torch.Tensor,
         position_ids: torch.Tensor,
         attention_mask: torch.Tensor,
-        cache: SpanCache | None = None,
+        cache: Cache | None = None,
         blocks: slice = slice(None),
         deep_prompts: torch.Tensor | None = None,
     ) -> torch.Tensor:

@@ -57,11 +57,12 @@ def test_tensor_decode_rejects_lies():
 
 def test_cache_pool_waits_and_times_out():
     async def scenario():
-        pool = CachePool(100)
+        pool = CachePool(num_pages=100, page_size=16)
         with pytest.raises(CacheExhaustedError, match="whole pool"):
             async with pool.reserve(101, timeout=1):
                 pass
-        async with pool.reserve(80, timeout=1):
+        async with pool.reserve(80, timeout=1) as pages:
+            assert len(set(pages)) == 80 and pool.free_tokens == 20 * 16
             with pytest.raises(CacheExhaustedError, match="stayed full"):
                 async with pool.reserve(30, timeout=0.1):
                     pass
@@ -69,14 +70,14 @@ def test_cache_pool_waits_and_times_out():
             await asyncio.sleep(0.05)
             assert not waiter.done()
         await asyncio.wait_for(waiter, 1)
-        assert pool.used_bytes == 0
+        assert pool.free_tokens == 100 * 16
 
     asyncio.run(scenario())
 
 
-async def _hold(pool: CachePool, num_bytes: int) -> None:
-    async with pool.reserve(num_bytes, timeout=5):
-        assert pool.used_bytes == num_bytes
+async def _hold(pool: CachePool, num_pages: int) -> None:
+    async with pool.reserve(num_pages, timeout=5) as pages:
+        assert len(pages) == num_pages
 
 
 def test_lowest_cost_chain_avoids_slow_peers_and_extra_hops():

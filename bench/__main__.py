@@ -1,0 +1,115 @@
+"""The benchmark suite: every figure against local `transformers` measured in the same run, medians of repeats.
+
+    python -m bench [--quick] [--json bench/results.json] [--only decode,concurrent,prefill,training,overhead,startup]
+
+Prints a markdown table (the one in the README) and writes the same figures as JSON.
+"""
+
+import argparse
+import tempfile
+import time
+
+from transformers import LlamaForCausalLM
+
+from bench.common import add_model_arguments, halves, model_config
+from bench.concurrency import concurrent_decode
+from bench.decode import client_first_token, prefill, single_session_decode
+from bench.overhead import hop_overhead
+from bench.results import Result, save_json, table
+from bench.training import forward_backward
+from peer.local_swarm import start_bootstrap, start_peers
+from swarm.checkpoint_maker import save_random_checkpoint
+
+ALL = ("decode", "concurrent", "prefill", "training", "overhead", "startup")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_model_arguments(parser)
+    parser.add_argument("--quick", action="store_true", help="a smaller model and fewer repeats, to check the suite runs")
+    parser.add_argument("--only", default=",".join(ALL), help=f"comma-separated subset of {','.join(ALL)}")
+    parser.add_argument("--json", default="bench/results.json")
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--new-tokens", type=int, default=64)
+    parser.add_argument("--prefill-tokens", type=int, default=512)
+    parser.add_argument("--sessions", type=lambda text: [int(n) for n in text.split(",")], default=[1, 4, 16, 64])
+    parser.add_argument("--concurrent-tokens", type=int, default=32)
+    parser.add_argument("--train-batch", type=int, default=4)
+    parser.add_argument("--train-length", type=int, default=128)
+    parser.add_argument("--hop-steps", type=int, default=500)
+    args = parser.parse_args()
+    if args.quick:
+        args.hidden, args.layers, args.vocab, args.repeats = 256, 4, 1024, 2
+        args.new_tokens, args.sessions, args.concurrent_tokens, args.hop_steps = 16, [1, 4], 8, 100
+    wanted = set(args.only.split(","))
+    results = run(args, wanted)
+    print(table(results))
+    save_json(results, args.json)
+    print(f"\nwritten to {args.json}")
+
+
+def run(args: argparse.Namespace, wanted: set[str]) -> list[Result]:
+    results: list[Result] = []
+    with tempfile.TemporaryDirectory() as folder:
+        save_random_checkpoint(folder, model_config(args))
+        local = LlamaForCausalLM.from_pretrained(folder).eval()
+        params = sum(parameter.numel() for parameter in local.parameters()) / 1e6
+        print(f"model: random Llama, {params:.0f}M parameters (hidden {args.hidden}, {args.layers} layers, "
+              f"vocab {args.vocab}), fp32; peers and client on this machine, loopback", flush=True)
+        node, bootstrap = start_bootstrap()
+        try:
+            # Decoding: each of the two peers computes on one thread (they and the client share the cores).
+            if wanted & {"decode", "startup"}:
+                with _peers(folder, bootstrap, halves(args.layers), 1) as started:
+                    if "decode" in wanted:
+                        results.append(_logged(single_session_decode(args, folder, local, bootstrap)))
+                    if "startup" in wanted:
+                        results.append(_logged(Result(
+                            "peer start-up to online", "s", started, higher_is_better=False,
+                            detail=f"load {args.layers // 2} blocks, measure throughput, announce",
+                        )))
+                        results.append(_logged(Result(
+                            "client time to first token", "s", client_first_token(folder, bootstrap),
+                            higher_is_better=False, detail="from_pretrained + route + 1 token",
+                        )))
+            # Compute-bound work: only one peer computes at a time, so each may use both cores.
+            if wanted & {"prefill", "training"}:
+                with _peers(folder, bootstrap, halves(args.layers), 2):
+                    if "prefill" in wanted:
+                        results.append(_logged(prefill(args, folder, local, bootstrap)))
+                    if "training" in wanted:
+                        results.append(_logged(forward_backward(args, folder, local, bootstrap)))
+            if "concurrent" in wanted:
+                with _peers(folder, bootstrap, [f"0:{args.layers}"], 2):
+                    results.extend(map(_logged, concurrent_decode(args, folder, local, bootstrap)))
+            if "overhead" in wanted:
+                results.append(_logged(hop_overhead(bootstrap, args.hop_steps)))
+        finally:
+            node.stop()
+    return results
+
+
+class _peers:
+    """Peers for the spans, started together; entering gives the seconds until the last was online."""
+
+    def __init__(self, folder: str, bootstrap: str, spans: list[str], threads: int):
+        self.arguments = (folder, bootstrap, spans, "--num-threads", str(threads))
+
+    def __enter__(self) -> float:
+        started = time.perf_counter()
+        self.handles = start_peers(*self.arguments)
+        return time.perf_counter() - started
+
+    def __exit__(self, *exc_info) -> None:
+        for handle in self.handles:
+            handle.process.stop()
+
+
+def _logged(result: Result) -> Result:
+    ratio = "" if result.ratio is None else f" ({result.ratio:.2f}x local)"
+    print(f"  {result.metric}: {result.swarm:.4g} {result.unit}{ratio}", flush=True)
+    return result
+
+
+if __name__ == "__main__":
+    main()

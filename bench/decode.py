@@ -1,0 +1,62 @@
+"""Single-session decoding and a 512-token prefill through 2 peers x half the blocks, against local transformers."""
+
+import argparse
+import contextlib
+from collections.abc import Iterator
+
+import torch
+
+from bench.common import interleaved_medians, timed
+from bench.results import Result
+from client import AutoDistributedModelForCausalLM
+
+
+def single_session_decode(args: argparse.Namespace, folder: str, local, bootstrap: str) -> Result:
+    prompt = torch.randint(3, local.config.vocab_size, (1, 16))
+    options = dict(max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens, do_sample=False)
+    with _client(folder, bootstrap) as swarm:
+        seconds = interleaved_medians(
+            {"local": lambda: local.generate(prompt, **options), "swarm": lambda: swarm.generate(prompt, **options)},
+            args.repeats,
+        )
+        same = torch.equal(local.generate(prompt, **options), swarm.generate(prompt, **options))
+    return Result(
+        "single-session decode", "tokens/s", args.new_tokens / seconds["swarm"], args.new_tokens / seconds["local"],
+        detail=f"2 peers x {args.layers // 2} blocks, {args.new_tokens} new tokens, same tokens: {same}",
+    )
+
+
+def prefill(args: argparse.Namespace, folder: str, local, bootstrap: str) -> Result:
+    """The time to the first new token of a long prompt (a one-token generate)."""
+    prompt = torch.randint(3, local.config.vocab_size, (1, args.prefill_tokens))
+    options = dict(max_new_tokens=1, do_sample=False)
+    with _client(folder, bootstrap) as swarm:
+        seconds = interleaved_medians(
+            {"local": lambda: local.generate(prompt, **options), "swarm": lambda: swarm.generate(prompt, **options)},
+            args.repeats,
+        )
+    return Result(
+        f"prefill of a {args.prefill_tokens}-token prompt", "ms", seconds["swarm"] * 1e3, seconds["local"] * 1e3,
+        higher_is_better=False, detail="time to the first new token, 2 peers",
+    )
+
+
+@contextlib.contextmanager
+def _client(folder: str, bootstrap: str) -> Iterator:
+    model = AutoDistributedModelForCausalLM.from_pretrained(folder, initial_peers=[bootstrap])
+    try:
+        yield model
+    finally:
+        model.close()
+
+
+def client_first_token(folder: str, bootstrap: str) -> float:
+    """Seconds from a new client (from_pretrained) to its first generated token."""
+    prompt = torch.tensor([[5, 6, 7]])
+
+    def first_token() -> None:
+        model = AutoDistributedModelForCausalLM.from_pretrained(folder, initial_peers=[bootstrap])
+        model.generate(prompt, max_new_tokens=1, do_sample=False)
+        model.close()
+
+    return timed(first_token)

@@ -1,0 +1,64 @@
+"""One forward pass of several sessions' steps together: rows of every session in one batch per block.
+
+Each session keeps its own position, mask and pages; the pass gathers them into a left-padded batch (see
+`kv_pages`), so a session gets the same hidden states as when it runs alone (to float rounding).
+"""
+
+import torch
+
+from peer.kv_pages import PagedKV, PagedPassCache
+from peer.lora import lora_applied
+from peer.sessions import StepWork
+from swarm.blocks import BlockSpan
+
+
+def pass_key(work: StepWork, num_tokens: int) -> tuple:
+    """Steps with equal keys can share a pass: same blocks, same adapter, same number of new tokens."""
+    session = work.session
+    return session.blocks.start, session.blocks.stop, id(session.lora) if session.lora else 0, num_tokens
+
+
+def run_pass(span: BlockSpan, kv: PagedKV, works: list[StepWork], num_tokens: int) -> None:
+    """Runs the next `num_tokens` tokens of each work (all with the same `pass_key`) and stores their outputs."""
+    sessions = [work.session for work in works]
+    with torch.inference_mode():
+        for work in works:
+            if work.done_tokens == 0:
+                work.session.prepare(kv, work.beam_reorder, work.start_position)
+        chunks = [slice(work.done_tokens, work.done_tokens + num_tokens) for work in works]
+        for session, work, chunk in zip(sessions, works, chunks):
+            session.mask[:, session.position : session.position + num_tokens] = work.new_mask[:, chunk]
+        hidden = _rows([work.hidden_states[:, chunk] for work, chunk in zip(works, chunks)])
+        position_ids = _rows([work.position_ids[:, chunk] for work, chunk in zip(works, chunks)])
+        lengths = torch.cat([torch.full((s.batch_size,), s.position) for s in sessions])
+        tables = _padded_rows([s.page_table for s in sessions])
+        cache = PagedPassCache(kv, tables, lengths, num_tokens)
+        masks = _padded_rows([s.mask for s in sessions])
+        attention_mask = masks.gather(1, cache.positions.clamp(min=0)) & (cache.positions >= 0)
+        device = next(span.parameters()).device
+        first = sessions[0]
+        with lora_applied(span, first.lora, first.lora_scaling):
+            output = span(
+                hidden.to(device), position_ids.to(device), attention_mask.to(device), cache=cache, blocks=first.blocks
+            )
+    for work, rows in zip(works, output.split([s.batch_size for s in sessions])):
+        work.outputs.append(rows)
+        work.done_tokens += num_tokens
+        work.session.position += num_tokens
+
+
+def _rows(tensors: list[torch.Tensor]) -> torch.Tensor:
+    return tensors[0] if len(tensors) == 1 else torch.cat(tensors)
+
+
+def _padded_rows(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """Concatenates [rows, n_i] tensors along rows, padding each on the right to the widest."""
+    width = max(tensor.shape[1] for tensor in tensors)
+    if all(tensor.shape[1] == width for tensor in tensors):
+        return _rows(tensors)
+    padded = tensors[0].new_zeros(sum(tensor.shape[0] for tensor in tensors), width)
+    row = 0
+    for tensor in tensors:
+        padded[row : row + tensor.shape[0], : tensor.shape[1]] = tensor
+        row += tensor.shape[0]
+    return padded
