@@ -10,6 +10,7 @@ import hivemind
 
 from client.config import ClientConfig
 from client.transport import PeerConnections
+from swarm.identity import swarm_dht
 from swarm.constants import PROTOCOL_VERSION
 from swarm.dht_records import PeerSpan, fetch_peer_spans
 from swarm.errors import MissingBlocksError
@@ -37,7 +38,7 @@ class SwarmView:
     ):
         self.model_prefix, self.num_blocks, self.config = model_prefix, num_blocks, config
         self.connections = connections
-        self.dht = dht or hivemind.DHT(initial_peers=config.initial_peers, client_mode=True, start=True)
+        self.dht = dht or swarm_dht(initial_peers=config.initial_peers, client_mode=True, start=True)[0]
         self._rtts: dict[str, tuple[float, float]] = {}  # peer id -> (round trip seconds, measured at)
         self._rng = random.Random()
         self._spans: list[PeerSpan] = []

@@ -19,12 +19,13 @@ class Announcer:
     def __init__(
         self,
         dht: hivemind.DHT,
+        subkey: bytes,
         model_prefix: str,
         model_info: dict,
         record: Callable[[], ServerRecord],
         period: float,
     ):
-        self.dht, self.model_prefix, self.model_info = dht, model_prefix, model_info
+        self.dht, self.subkey, self.model_prefix, self.model_info = dht, subkey, model_prefix, model_info
         self.record, self.period = record, period
         self._wake = asyncio.Event()
 
@@ -40,14 +41,13 @@ class Announcer:
         await asyncio.get_running_loop().run_in_executor(None, self._store, keys, value, expiration_time)
 
     def _store(self, keys: list[str], value: dict, expiration_time: float) -> None:
-        subkey = self.dht.peer_id.to_base58()
         futures = [
-            self.dht.store(key, subkey=subkey, value=value, expiration_time=expiration_time, return_future=True)
+            self.dht.store(key, subkey=self.subkey, value=value, expiration_time=expiration_time, return_future=True)
             for key in keys
         ]
         futures.append(
             self.dht.store(
-                MODEL_INDEX_KEY, subkey=self.model_prefix, value=self.model_info,
+                MODEL_INDEX_KEY, subkey=self.model_prefix.encode(), value=self.model_info,
                 expiration_time=expiration_time, return_future=True,
             )
         )

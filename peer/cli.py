@@ -33,9 +33,9 @@ def main() -> None:
 @click.option("--port", default=0, show_default=True, help="TCP port for the DHT (0: any free port).")
 def bootstrap(host: str, port: int) -> None:
     """Start a DHT node that others join with --initial-peers; prints its multiaddrs."""
-    import hivemind
+    from swarm.identity import swarm_dht
 
-    dht = hivemind.DHT(start=True, host_maddrs=[f"/ip4/{host}/tcp/{port}"])
+    dht, _ = swarm_dht(start=True, host_maddrs=[f"/ip4/{host}/tcp/{port}"])
     for address in dht.get_visible_maddrs():
         print(f"--initial-peers {address}", flush=True)
     stop = threading.Event()

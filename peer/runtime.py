@@ -8,6 +8,7 @@ the same kind and shape merged into one pass.
 
 import asyncio
 import threading
+import time
 from collections import deque
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass
@@ -23,6 +24,9 @@ from swarm.blocks import BlockSpan
 PREFILL_CHUNK = 256  # tokens of one step run per round; decode steps of other sessions go in between
 MAX_PASS_ROWS = 256  # rows of one batched pass
 MAX_MERGED_JOBS = 64  # forward or backward requests merged into one pass
+# Sessions answered in the last round usually send their next step together; a round waits this long at most
+# (and never more than half a pass) for those still missing, so that they share a pass instead of alternating.
+MAX_BATCH_WAIT = 0.02
 
 
 class SessionClosedError(Exception):
@@ -47,6 +51,8 @@ class ComputeRuntime:
     def __init__(self, span: BlockSpan, kv: PagedKV, name: str = "swarm-compute"):
         self.span, self.kv = span, kv
         self.largest_pass = 0  # most sessions seen in one batched pass, reported by Info
+        self._awaited: set = set()  # sessions answered in the last round that have not sent their next step yet
+        self._last_pass_seconds = 0.0
         self._steps: deque[tuple[StepWork, _Waiter]] = deque()
         self._jobs: deque[_Job] = deque()
         self._wake = threading.Condition()
@@ -63,6 +69,7 @@ class ComputeRuntime:
         waiter = _new_waiter()
         with self._wake:
             self._steps.append((work, waiter))
+            self._awaited.discard(work.session)
             self._wake.notify()
         return waiter.future
 
@@ -84,6 +91,10 @@ class ComputeRuntime:
         while True:
             with self._wake:
                 self._wake.wait_for(lambda: self._steps or self._jobs or self._stopping)
+                if self._steps and self._awaited:
+                    wait = min(MAX_BATCH_WAIT, self._last_pass_seconds / 2)
+                    self._wake.wait_for(lambda: not self._awaited or self._stopping, timeout=wait)
+                    self._awaited.clear()
                 if self._stopping:
                     return
                 steps, jobs = list(self._steps), []
@@ -106,8 +117,10 @@ class ComputeRuntime:
         for key in sorted(groups, key=lambda key: key[-1]):  # decode steps (fewest tokens) first
             for batch in _limit_rows(groups[key]):
                 self.largest_pass = max(self.largest_pass, len(batch))
+                started = time.perf_counter()
                 try:
                     run_pass(self.span, self.kv, [work for work, _ in batch], key[-1])
+                    self._last_pass_seconds = time.perf_counter() - started
                 except Exception as error:  # the sessions' caches may be half-written: each handler closes its session
                     for _, waiter in batch:
                         _resolve(waiter, None, error)
@@ -115,8 +128,10 @@ class ComputeRuntime:
                 for work, waiter in batch:
                     if work.remaining_tokens:
                         unfinished.append((work, waiter))
-                    else:
-                        _resolve(waiter, work.output(), None)
+                        continue
+                    with self._wake:
+                        self._awaited.add(work.session)
+                    _resolve(waiter, work.output(), None)
         if unfinished:
             with self._wake:
                 self._steps.extendleft(reversed(unfinished))

@@ -7,7 +7,6 @@ import time
 from dataclasses import dataclass
 
 import grpc
-import hivemind
 import torch
 
 from peer.announcer import Announcer
@@ -19,6 +18,7 @@ from peer.throughput import measure_throughput
 from swarm.blocks import BlockSpan
 from swarm.checkpoint import Checkpoint
 from swarm.constants import PROTOCOL_VERSION
+from swarm.identity import identity_of, own_subkey, swarm_dht
 from swarm.dht_records import ServerRecord, ServerState, fetch_peer_spans
 from swarm.tensors import DTYPE_NAMES
 from swarm.wire import swarm_peer_pb2_grpc as pb_grpc
@@ -66,12 +66,13 @@ class Peer:
     async def run(self) -> None:
         started = time.perf_counter()
         config = self.config
-        self.dht = hivemind.DHT(
+        self.dht, validator = swarm_dht(
             initial_peers=config.initial_peers, start=True, host_maddrs=[f"/ip4/{config.host}/tcp/0"]
         )
+        self.identity = identity_of(validator.local_public_key)
         start, end = config.blocks or self._choose_blocks()
         self.start, self.end = start, end
-        self.announcer = Announcer(self.dht, self.model_prefix, self._model_info(), self._record, config.announce_period)
+        self.announcer = Announcer(self.dht, own_subkey(validator), self.model_prefix, self._model_info(), self._record, config.announce_period)
         await self.announcer.announce()  # joining
         loop = asyncio.get_running_loop()
         self.span = await loop.run_in_executor(
@@ -99,7 +100,7 @@ class Peer:
         await self.announcer.announce()  # online before we say so, so that whoever waits for this line finds us
         announcing = asyncio.create_task(self.announcer.run())
         print(
-            f"peer {self.dht.peer_id.to_base58()} online: blocks {start}:{end} of {self.model_prefix} "
+            f"peer {self.identity} online: blocks {start}:{end} of {self.model_prefix} "
             f"({DTYPE_NAMES[self.dtype]}, {self.throughput:.0f} tokens/s) at {self.address}, "
             f"ready in {time.perf_counter() - started:.1f}s",
             flush=True,

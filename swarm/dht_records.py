@@ -1,12 +1,14 @@
 """What peers announce in the DHT and how it is keyed.
 
-Key `{model_prefix}.{block}`, subkey the peer's DHT id, value a ServerRecord as a plain dict (msgpack-able).
+Key `{model_prefix}.{block}`, subkey the peer's signed identity (see `identity`), value a ServerRecord as a plain dict (msgpack-able).
 Records expire by themselves, so a peer that dies silently disappears after its expiration.
 """
 
 from dataclasses import asdict, dataclass, field
 from enum import IntEnum
 from typing import Any
+
+from swarm.identity import identity_from_subkey
 
 
 class ServerState(IntEnum):
@@ -84,8 +86,9 @@ def fetch_peer_spans(dht, model_prefix: str, num_blocks: int, states=(ServerStat
         entry = future.result()
         if entry is None or not isinstance(entry.value, dict):
             continue
-        for peer_id, item in entry.value.items():
+        for subkey, item in entry.value.items():
+            peer_id = identity_from_subkey(subkey)  # unsigned records, or ones claiming another's identity: ignored
             record = ServerRecord.from_dict(item.value)
-            if record is not None and record.state in states and 0 <= record.start_block < record.end_block <= num_blocks:
+            if peer_id is not None and record is not None and record.state in states and 0 <= record.start_block < record.end_block <= num_blocks:
                 spans[str(peer_id)] = PeerSpan(str(peer_id), record)
     return sorted(spans.values(), key=lambda span: (span.start, span.peer_id))

@@ -2,18 +2,19 @@
 
 import signal
 
-import hivemind
 import pytest
+from hivemind.utils import get_dht_time
 
-from swarm.checkpoint import Checkpoint
-from swarm.dht_records import ServerState, fetch_peer_spans
 from peer.local_swarm import spawn_cli, start_peers
+from swarm.checkpoint import Checkpoint
+from swarm.dht_records import ServerState, block_key, fetch_peer_spans
+from swarm.identity import identity_of, own_subkey, swarm_dht
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
 def test_online_then_offline_on_signal(tiny_llama, bootstrap, sig):
     prefix = Checkpoint(tiny_llama).model_prefix()
-    dht = hivemind.DHT(initial_peers=[bootstrap], client_mode=True, start=True)
+    dht, _ = swarm_dht(initial_peers=[bootstrap], client_mode=True, start=True)
     try:
         (peer,) = start_peers(tiny_llama, bootstrap, ["1:3"])
         spans = {s.peer_id: s for s in fetch_peer_spans(dht, prefix, 4)}
@@ -37,3 +38,37 @@ def test_num_blocks_picks_the_uncovered_blocks(tiny_llama, bootstrap):
         second.stop()
     finally:
         first.process.stop()
+
+
+def test_forged_records_for_another_peer_are_rejected(tiny_llama, bootstrap):
+    """A node that is not the peer can neither overwrite its record nor add one under its identity."""
+    prefix = Checkpoint(tiny_llama).model_prefix()
+    (peer,) = start_peers(tiny_llama, bootstrap, ["0:4"])
+    forger, forger_validator = swarm_dht(initial_peers=[bootstrap], start=True)
+    try:
+        (genuine,) = [span for span in fetch_peer_spans(forger, prefix, 4) if span.peer_id == peer.peer_id]
+        victim_subkey = _subkey_of(forger, prefix, peer.peer_id)
+        fake = dict(genuine.record.to_dict(), address="127.0.0.1:1", state=int(ServerState.OFFLINE), throughput=1e9)
+        expiration = get_dht_time() + 60
+        # 1. Overwrite the victim's own record: it is not signed by the victim's key, so no node stores it.
+        assert not forger.store(block_key(prefix, 0), fake, expiration, subkey=victim_subkey)
+        # 2. Claim the victim's identity under the forger's own key: stored, but readers see it is not the victim.
+        claimed = peer.peer_id.encode() + forger_validator.local_public_key
+        forger.store(block_key(prefix, 0), fake, expiration, subkey=claimed)
+        # 3. An unsigned record under the victim's identity: ignored as well; a text subkey is not even stored.
+        forger.store(block_key(prefix, 0), fake, expiration, subkey=peer.peer_id.encode())
+        assert not forger.store(block_key(prefix, 0), fake, expiration, subkey=peer.peer_id)
+        spans = [span for span in fetch_peer_spans(forger, prefix, 4, states=tuple(ServerState)) if span.peer_id == peer.peer_id]
+        assert [span.record for span in spans] == [genuine.record]
+        # The forger's honest record under its own identity is accepted.
+        assert forger.store(block_key(prefix, 1), fake, expiration, subkey=own_subkey(forger_validator))
+        seen = {span.peer_id for span in fetch_peer_spans(forger, prefix, 4, states=tuple(ServerState))}
+        assert identity_of(forger_validator.local_public_key) in seen
+    finally:
+        forger.shutdown()
+        peer.process.stop()
+
+
+def _subkey_of(dht, prefix: str, identity: str) -> bytes:
+    entry = dht.get(block_key(prefix, 0), latest=True)
+    return next(subkey for subkey in entry.value if isinstance(subkey, bytes) and subkey.startswith(identity.encode()))
