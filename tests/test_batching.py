@@ -22,8 +22,8 @@ PAGE_SIZE = 4  # small pages, so that rows span many of them
 class Scenario:
     """Sessions with their own prompts, driven step by step either alone or all together."""
 
-    def __init__(self, span: BlockSpan, reference, kv: PagedKV):
-        self.span, self.reference, self.kv = span, reference, kv
+    def __init__(self, reference, kv: PagedKV):
+        self.reference, self.kv = reference, kv
         self.next_page = 0
 
     def open(self, name: str, batch_size: int, max_length: int) -> InferenceSessionState:
@@ -57,7 +57,7 @@ def test_batched_decoding_matches_each_session_alone(tiny_llama, reference):
     joins, leaves, steps = {"short": 0, "padded-pair": 0, "late": 4}, {"short": 7, "padded-pair": 12, "late": 12}, 12
 
     def drive(together: bool) -> dict[str, list[torch.Tensor]]:
-        scenario = Scenario(span, reference, PagedKV(4, num_pages=64, page_size=PAGE_SIZE))
+        scenario = Scenario(reference, PagedKV(4, num_pages=64, page_size=PAGE_SIZE))
         sessions, tokens, logits = {}, {}, {name: [] for name in prompts}
         generators = {name: torch.Generator().manual_seed(index) for index, name in enumerate(prompts)}
         for step in range(steps):
@@ -91,7 +91,7 @@ def test_batched_pass_matches_local_transformers(tiny_llama, reference):
     """A batched decode pass over sessions at different positions gives local `transformers`' logits."""
     span = BlockSpan.from_checkpoint(Checkpoint(tiny_llama), 0, 4, torch.float32)
     embed = reference.get_input_embeddings()
-    scenario = Scenario(span, reference, PagedKV(4, num_pages=32, page_size=PAGE_SIZE))
+    scenario = Scenario(reference, PagedKV(4, num_pages=32, page_size=PAGE_SIZE))
     sequences = [torch.arange(3, 3 + length)[None] for length in (2, 6, 11)]
     sessions = [scenario.open(f"s{index}", 1, 16) for index in range(len(sequences))]
     for session, sequence in zip(sessions, sequences):
