@@ -137,7 +137,7 @@ class InferenceSession:
             except RemoteError as error:
                 if error.code not in PEER_FAILURES or attempt == self.remote.config.max_retries:
                     raise
-                self.remote.view.ban(error.peer)
+                self.remote.view.ban(error.peer, error)
                 if not needs_replacement:
                     self._hops[index].close()
                     needs_replacement = True

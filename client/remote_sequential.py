@@ -89,7 +89,7 @@ class RemoteSequential(nn.Module):
                 failure = RemoteError(hop.peer.peer_id, error.code().name, error.details() or "")
             if failure.code not in PEER_FAILURES or attempt == self.config.max_retries:
                 raise failure
-            self.view.ban(hop.peer.peer_id)
+            self.view.ban(hop.peer.peer_id, failure)
             replacement = self.view.chain(hop.start, hop.end)
             if len(replacement) != 1:
                 raise SwarmError(

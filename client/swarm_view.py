@@ -13,7 +13,7 @@ from client.transport import PeerConnections
 from swarm.identity import swarm_dht
 from swarm.constants import PROTOCOL_VERSION
 from swarm.dht_records import PeerSpan, fetch_peer_spans
-from swarm.errors import MissingBlocksError
+from swarm.errors import MissingBlocksError, RemoteError
 from swarm.routing import Hop, lowest_cost_chain, spread_chain
 from swarm.wire import swarm_peer_pb2 as pb
 
@@ -45,12 +45,12 @@ class SwarmView:
         self._fetched_at = -float("inf")
         self._bans: dict[str, tuple[float, int]] = {}  # peer id -> (banned until, failures so far)
 
-    def ban(self, peer_id: str) -> None:
+    def ban(self, peer_id: str, reason: RemoteError) -> None:
         """Avoid a peer that failed, for longer each time it fails again."""
         _, failures = self._bans.get(peer_id, (0.0, 0))
         duration = min(self.config.ban_seconds * 2**failures, self.config.max_ban_seconds)
         self._bans[peer_id] = (time.monotonic() + duration, failures + 1)
-        logger.warning(f"peer {peer_id} failed; avoiding it for {duration:.0f}s")
+        logger.warning(f"peer {peer_id} failed ({reason.code}: {reason.message}); avoiding it for {duration:.0f}s")
 
     def is_banned(self, peer_id: str) -> bool:
         return self._bans.get(peer_id, (0.0, 0))[0] > time.monotonic()

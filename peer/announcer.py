@@ -28,6 +28,7 @@ class Announcer:
         self.dht, self.subkey, self.model_prefix, self.model_info = dht, subkey, model_prefix, model_info
         self.record, self.period = record, period
         self._wake = asyncio.Event()
+        self._announced_blocks: set[int] = set()
 
     def announce_soon(self) -> None:
         """Ask for an announcement now (e.g. the cache filled up) instead of at the next period."""
@@ -36,7 +37,10 @@ class Announcer:
     async def announce(self) -> None:
         record = self.record()
         expiration_time = get_dht_time() + 2 * self.period
-        keys = [block_key(self.model_prefix, block) for block in range(record.start_block, record.end_block)]
+        # After a move, the old blocks get the new record too: it names the new span, so no reader routes there.
+        blocks = set(range(record.start_block, record.end_block))
+        keys = [block_key(self.model_prefix, block) for block in sorted(blocks | self._announced_blocks)]
+        self._announced_blocks = blocks
         value = record.to_dict()
         await asyncio.get_running_loop().run_in_executor(None, self._store, keys, value, expiration_time)
 

@@ -1,13 +1,14 @@
-"""`swarm-peer`: start a bootstrap DHT node or serve a span of a model's blocks."""
+"""`swarm-peer`: start a bootstrap DHT node, serve a span of a model's blocks, or look at the swarm."""
 
 import asyncio
+import functools
 import logging
 import signal
 import threading
 
 import click
 
-from swarm.constants import DEFAULT_ANNOUNCE_PERIOD, DEFAULT_MAX_MESSAGE_BYTES
+from swarm.constants import DEFAULT_ANNOUNCE_PERIOD, DEFAULT_BANDWIDTH_MBPS, DEFAULT_MAX_MESSAGE_BYTES
 
 
 def _parse_blocks(_ctx, _param, value: str | None) -> tuple[int, int] | None:
@@ -20,6 +21,54 @@ def _parse_blocks(_ctx, _param, value: str | None) -> tuple[int, int] | None:
     if not 0 <= start < end:
         raise click.BadParameter("expected 0 <= START < END")
     return start, end
+
+
+_PEER_OPTIONS = [
+    click.option("--initial-peers", multiple=True, help="Multiaddr of a DHT node of the swarm (repeatable)."),
+    click.option("--host", default="127.0.0.1", show_default=True, help="Address the data plane listens on."),
+    click.option("--port", default=0, show_default=True, help="gRPC port (0: any free port)."),
+    click.option("--announce-host", help="Address others should use to reach this peer (default: --host)."),
+    click.option("--cache-tokens", default=8192, show_default=True, help="KV-cache pool size, in tokens of the span."),
+    click.option("--announce-period", default=DEFAULT_ANNOUNCE_PERIOD, show_default=True,
+                 help="Seconds between DHT announcements."),
+    click.option("--session-timeout", default=300.0, show_default=True, help="Close sessions idle this many seconds."),
+    click.option("--max-message-mb", default=DEFAULT_MAX_MESSAGE_BYTES // 2**20, show_default=True),
+    click.option("--public-name", default="", help="A name shown to others in the swarm's status."),
+    click.option("--num-threads", type=int, help="CPU threads for compute (default: torch's, one per core). Peers "
+                 "that share a machine run faster with the cores split between them than with each using all of them."),
+    click.option("--balance-period", default=120.0, show_default=True,
+                 help="Mean seconds between checks whether other blocks need this peer more (not with --blocks)."),
+    click.option("--bandwidth", "bandwidth_mbps", default=DEFAULT_BANDWIDTH_MBPS, show_default=True,
+                 help="This machine's network bandwidth in Mbit/s (announced as network throughput)."),
+]
+
+
+def peer_options(command):
+    """The options every serving command shares (they become PeerConfig fields, see `run_peer`)."""
+    return functools.reduce(lambda decorated, option: option(decorated), reversed(_PEER_OPTIONS), command)
+
+
+def run_peer(model_path: str, blocks, num_blocks: int | None, device: str, dtype: str, initial_peers, host, port,
+             announce_host, cache_tokens, announce_period, session_timeout, max_message_mb, public_name, num_threads,
+             balance_period, bandwidth_mbps) -> None:
+    """Runs a peer until SIGINT/SIGTERM."""
+    import uvloop
+
+    from peer.server import Peer, PeerConfig
+
+    config = PeerConfig(
+        model_path=model_path, initial_peers=list(initial_peers), blocks=blocks, num_blocks=num_blocks,
+        device=device, dtype=dtype, host=host, port=port, announce_host=announce_host, cache_tokens=cache_tokens,
+        announce_period=announce_period, session_idle_timeout=session_timeout,
+        max_message_bytes=max_message_mb * 2**20, public_name=public_name, balance_period=balance_period,
+        bandwidth_mbps=bandwidth_mbps,
+    )
+    if num_threads is not None:
+        import torch
+
+        torch.set_num_threads(num_threads)
+    uvloop.install()
+    asyncio.run(Peer(config).run())
 
 
 @click.group()
@@ -48,42 +97,17 @@ def bootstrap(host: str, port: int) -> None:
 
 @main.command()
 @click.argument("model_path", type=click.Path(exists=True, file_okay=False))
-@click.option("--initial-peers", multiple=True, help="Multiaddr of a DHT node of the swarm (repeatable).")
 @click.option("--blocks", callback=_parse_blocks, help="Serve blocks START:END (end exclusive).")
-@click.option("--num-blocks", type=int, help="Serve this many blocks where the swarm has the fewest servers.")
+@click.option("--num-blocks", type=int, help="Serve this many blocks where the swarm needs them most (and move "
+              "when other blocks need them more).")
 @click.option("--device", default="cpu", show_default=True)
 @click.option("--dtype", default="auto", show_default=True, help="auto (the checkpoint's), float32, float16, bfloat16.")
-@click.option("--host", default="127.0.0.1", show_default=True, help="Address the data plane listens on.")
-@click.option("--port", default=0, show_default=True, help="gRPC port (0: any free port).")
-@click.option("--announce-host", help="Address others should use to reach this peer (default: --host).")
-@click.option("--cache-tokens", default=8192, show_default=True, help="KV-cache pool size, in tokens of the span.")
-@click.option("--announce-period", default=DEFAULT_ANNOUNCE_PERIOD, show_default=True, help="Seconds between DHT announcements.")
-@click.option("--session-timeout", default=300.0, show_default=True, help="Close sessions idle this many seconds.")
-@click.option("--max-message-mb", default=DEFAULT_MAX_MESSAGE_BYTES // 2**20, show_default=True)
-@click.option("--public-name", default="", help="A name shown to others in the swarm's status.")
-@click.option("--num-threads", type=int, help="CPU threads for compute (default: torch's, one per core). Peers that "
-              "share a machine run faster with the cores split between them than with each using all of them.")
-def serve(model_path, initial_peers, blocks, num_blocks, device, dtype, host, port, announce_host, cache_tokens,
-          announce_period, session_timeout, max_message_mb, public_name, num_threads) -> None:
+@peer_options
+def serve(model_path, blocks, num_blocks, device, dtype, **options) -> None:
     """Serve a span of MODEL_PATH's blocks (a local Hugging Face checkpoint folder)."""
-    import uvloop
-
-    from peer.server import Peer, PeerConfig
-
     if blocks is None and num_blocks is None:
         raise click.UsageError("give --blocks START:END or --num-blocks N")
-    config = PeerConfig(
-        model_path=model_path, initial_peers=list(initial_peers), blocks=blocks, num_blocks=num_blocks,
-        device=device, dtype=dtype, host=host, port=port, announce_host=announce_host, cache_tokens=cache_tokens,
-        announce_period=announce_period, session_idle_timeout=session_timeout,
-        max_message_bytes=max_message_mb * 2**20, public_name=public_name,
-    )
-    if num_threads is not None:
-        import torch
-
-        torch.set_num_threads(num_threads)
-    uvloop.install()
-    asyncio.run(Peer(config).run())
+    run_peer(model_path, blocks, num_blocks, device, dtype, **options)
 
 
 if __name__ == "__main__":

@@ -45,6 +45,16 @@ class SwarmPeerServicer(pb_grpc.SwarmPeerServicer):
         self.hidden_size = span.config.hidden_size
         self.open_sessions: dict[str, InferenceSessionState] = {}
 
+    def switch_span(self, span: BlockSpan, runtime: ComputeRuntime) -> ComputeRuntime:
+        """Serve another span of the same length from now on (load balancing); returns the old span's runtime.
+
+        Sessions opened on the old span end at their next step with UNAVAILABLE, and their clients replay them
+        elsewhere; the KV pool's pages are handed out as before.
+        """
+        old_runtime = self.runtime
+        self.span, self.runtime = span, runtime
+        return old_runtime
+
     @property
     def cache_tokens_left(self) -> int:
         """Free pages of the KV pool, in tokens (what the peer announces)."""
@@ -134,6 +144,11 @@ class SwarmPeerServicer(pb_grpc.SwarmPeerServicer):
             except InvalidRequest as error:
                 yield pb.InferenceResponse(error=pb.StepError(step_id=step.step_id, code=error.code, message=str(error)))
                 continue
+            if session.span_start != self.span.start:
+                await context.abort(
+                    grpc.StatusCode.UNAVAILABLE, f"this peer moved to blocks {self.span.start}:{self.span.end}; "
+                    "the session must continue on another peer",
+                )
             session.last_step = self.runtime.submit_step(work)
             try:
                 output = await asyncio.shield(session.last_step)

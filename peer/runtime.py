@@ -33,6 +33,10 @@ class SessionClosedError(Exception):
     """A queued step's session closed before the step ran."""
 
 
+class RuntimeStoppedError(Exception):
+    """The runtime was shut down (the peer stops, or moved to other blocks) before this work ran."""
+
+
 @dataclass
 class _Waiter:
     loop: asyncio.AbstractEventLoop
@@ -68,6 +72,8 @@ class ComputeRuntime:
         """
         waiter = _new_waiter()
         with self._wake:
+            if self._refused(waiter):
+                return waiter.future
             self._steps.append((work, waiter))
             self._awaited.discard(work.session)
             self._wake.notify()
@@ -77,15 +83,29 @@ class ComputeRuntime:
         """Runs `function(span, [item, ...])` for a forward or backward request and returns this item's result."""
         waiter = _new_waiter()
         with self._wake:
-            self._jobs.append(_Job(function, item, group, waiter))
-            self._wake.notify()
+            if not self._refused(waiter):
+                self._jobs.append(_Job(function, item, group, waiter))
+                self._wake.notify()
         return await waiter.future
 
+    def _refused(self, waiter: _Waiter) -> bool:
+        """Fails work that arrives after shutdown (nothing would run it); call with the lock held."""
+        if self._stopping:
+            _resolve(waiter, None, RuntimeStoppedError("this peer's compute runtime has stopped"))
+        return self._stopping
+
     def shutdown(self) -> None:
+        """Stops after the pass in progress; work still queued fails with RuntimeStoppedError."""
         with self._wake:
             self._stopping = True
             self._wake.notify()
         self._thread.join(timeout=10)
+        with self._wake:
+            waiters = [waiter for _, waiter in self._steps] + [job.waiter for job in self._jobs]
+            self._steps.clear()
+            self._jobs.clear()
+        for waiter in waiters:
+            _resolve(waiter, None, RuntimeStoppedError("this peer's compute runtime stopped before the work ran"))
 
     def _work(self) -> None:
         while True:

@@ -2,6 +2,7 @@
 
 import asyncio
 import logging
+import random
 import signal
 import time
 from dataclasses import dataclass
@@ -10,16 +11,24 @@ import grpc
 import torch
 
 from peer.announcer import Announcer
+from peer.block_selection import (
+    DEFAULT_MARGIN,
+    better_start,
+    choose_start,
+    planned_spans,
+)
 from peer.handler import SwarmPeerServicer
-from peer.memory_pool import CachePool
 from peer.kv_pages import PAGE_SIZE, PagedKV
+from peer.memory_pool import CachePool
+from peer.pings import ping_successors
 from peer.runtime import ComputeRuntime
-from peer.throughput import measure_throughput
+from peer.throughput import ThroughputCache, measure_throughput, network_throughput
 from swarm.blocks import BlockSpan
 from swarm.checkpoint import Checkpoint
-from swarm.constants import PROTOCOL_VERSION
+from swarm.constants import DEFAULT_BANDWIDTH_MBPS, PROTOCOL_VERSION
+from swarm.coverage import block_throughputs
+from swarm.dht_records import PeerSpan, ServerRecord, ServerState, fetch_peer_spans
 from swarm.identity import identity_of, own_subkey, swarm_dht
-from swarm.dht_records import ServerRecord, ServerState, fetch_peer_spans
 from swarm.tensors import DTYPE_NAMES
 from swarm.wire import swarm_peer_pb2_grpc as pb_grpc
 
@@ -42,6 +51,9 @@ class PeerConfig:
     session_idle_timeout: float = 300.0
     max_message_bytes: int = 64 * 1024 * 1024
     public_name: str = ""
+    balance_period: float = 120.0  # mean seconds between load-balancing checks (peers that did not pin --blocks)
+    balance_margin: float = DEFAULT_MARGIN
+    bandwidth_mbps: float = DEFAULT_BANDWIDTH_MBPS
 
 
 def resolve_dtype(name: str, checkpoint: Checkpoint) -> torch.dtype:
@@ -58,31 +70,32 @@ class Peer:
         self.checkpoint = Checkpoint(config.model_path)
         self.dtype = resolve_dtype(config.dtype, self.checkpoint)
         self.model_prefix = self.checkpoint.model_prefix()
+        self.num_model_blocks = self.checkpoint.config.num_hidden_layers
         self.state = ServerState.JOINING
         self.throughput = 0.0
+        self.network_throughput = network_throughput(config.bandwidth_mbps, self.checkpoint.config.hidden_size, self.dtype)
+        self.throughputs = ThroughputCache()
+        self.next_pings: dict[str, float] = {}
+        self.moving_to: int | None = None
         self.address = ""
         self.stopping = asyncio.Event()
 
     async def run(self) -> None:
         started = time.perf_counter()
         config = self.config
+        loop = asyncio.get_running_loop()
         self.dht, validator = swarm_dht(
             initial_peers=config.initial_peers, start=True, host_maddrs=[f"/ip4/{config.host}/tcp/0"]
         )
         self.identity = identity_of(validator.local_public_key)
-        start, end = config.blocks or self._choose_blocks()
-        self.start, self.end = start, end
+        self.start, self.end = config.blocks or await loop.run_in_executor(None, self._choose_blocks)
+        self.throughput = self.throughputs.get(self._throughput_key()) or 0.0  # known before loading if measured once
         self.announcer = Announcer(self.dht, own_subkey(validator), self.model_prefix, self._model_info(), self._record, config.announce_period)
         await self.announcer.announce()  # joining
-        loop = asyncio.get_running_loop()
-        self.span = await loop.run_in_executor(
-            None, BlockSpan.from_checkpoint, self.checkpoint, start, end, self.dtype, config.device
-        )
-        self.throughput = await loop.run_in_executor(None, measure_throughput, self.span, self.dtype)
+        self.span = await self._load(self.start)
         pool = CachePool(-(-config.cache_tokens // PAGE_SIZE), PAGE_SIZE)
-        self.runtime = ComputeRuntime(self.span, PagedKV(end - start, pool.num_pages, PAGE_SIZE))
         self.servicer = SwarmPeerServicer(
-            self.span, self.dtype, self.model_prefix, self.runtime, pool,
+            self.span, self.dtype, self.model_prefix, self._new_runtime(self.span), pool,
             config.max_message_bytes, config.session_idle_timeout, on_cache_change=self.announcer.announce_soon,
         )
         server = grpc.aio.server(
@@ -98,9 +111,11 @@ class Peer:
         self.address = f"{config.announce_host or config.host}:{port}"
         self.state = ServerState.ONLINE
         await self.announcer.announce()  # online before we say so, so that whoever waits for this line finds us
-        announcing = asyncio.create_task(self.announcer.run())
+        background = [asyncio.create_task(self.announcer.run()), asyncio.create_task(self._ping_forever())]
+        if config.blocks is None:
+            background.append(asyncio.create_task(self._balance_forever()))
         print(
-            f"peer {self.identity} online: blocks {start}:{end} of {self.model_prefix} "
+            f"peer {self.identity} online: blocks {self.start}:{self.end} of {self.model_prefix} "
             f"({DTYPE_NAMES[self.dtype]}, {self.throughput:.0f} tokens/s) at {self.address}, "
             f"ready in {time.perf_counter() - started:.1f}s",
             flush=True,
@@ -109,42 +124,109 @@ class Peer:
             loop.add_signal_handler(signum, self.stopping.set)
         await self.stopping.wait()
         print("shutting down: announcing offline, letting open requests finish", flush=True)
-        announcing.cancel()
+        for task in background:
+            task.cancel()
+        await asyncio.gather(*background, return_exceptions=True)
         self.state = ServerState.OFFLINE
         await self.announcer.announce()  # same lifetime as before: the DHT keeps the record that expires last
         await server.stop(grace=5)
-        self.runtime.shutdown()
+        self.servicer.runtime.shutdown()
         self.dht.shutdown()
         print("stopped", flush=True)
 
+    async def _load(self, start: int) -> BlockSpan:
+        """Loads blocks [start, start + span length) and measures them unless this setting was measured before."""
+        loop = asyncio.get_running_loop()
+        end = start + self.end - self.start
+        config = self.config
+        span = await loop.run_in_executor(None, BlockSpan.from_checkpoint, self.checkpoint, start, end, self.dtype, config.device)
+        key = self._throughput_key()
+        throughput = self.throughputs.get(key)
+        if throughput is None:
+            throughput = await loop.run_in_executor(None, measure_throughput, span, self.dtype)
+            self.throughputs.put(key, throughput)
+        self.throughput = throughput
+        return span
+
+    def _new_runtime(self, span: BlockSpan) -> ComputeRuntime:
+        num_pages = -(-self.config.cache_tokens // PAGE_SIZE)
+        return ComputeRuntime(span, PagedKV(span.end - span.start, num_pages, PAGE_SIZE))
+
+    def _throughput_key(self) -> str:
+        return ThroughputCache.key(self.model_prefix, self.end - self.start, self.config.device, self.dtype)
+
     def _record(self) -> ServerRecord:
-        start, end = self.start, self.end
         return ServerRecord(
             state=self.state,
-            start_block=start,
-            end_block=end,
+            start_block=self.start,
+            end_block=self.end,
             address=self.address,
             dtype=DTYPE_NAMES[self.dtype],
             version=PROTOCOL_VERSION,
             throughput=self.throughput,
+            network_throughput=self.network_throughput,
             cache_tokens_left=self.servicer.cache_tokens_left if self.state == ServerState.ONLINE else 0,
             public_name=self.config.public_name,
+            next_pings=self.next_pings,
+            moving_to=self.moving_to,
         )
 
     def _model_info(self) -> dict:
         return {
             "name": self.checkpoint.path.name,
             "model_type": self.checkpoint.config.model_type,
-            "num_blocks": self.checkpoint.config.num_hidden_layers,
+            "num_blocks": self.num_model_blocks,
         }
 
+    def _swarm(self) -> list[PeerSpan]:
+        return fetch_peer_spans(self.dht, self.model_prefix, self.num_model_blocks, (ServerState.JOINING, ServerState.ONLINE))
+
     def _choose_blocks(self) -> tuple[int, int]:
-        """The window of `num_blocks` blocks with the fewest online servers now (ties: the earliest)."""
-        total = self.checkpoint.config.num_hidden_layers
-        count = min(self.config.num_blocks or total, total)
-        coverage = [0] * total
-        for span in fetch_peer_spans(self.dht, self.model_prefix, total):
-            for block in range(span.start, span.end):
-                coverage[block] += 1
-        best_start = min(range(total - count + 1), key=lambda first: (sum(coverage[first : first + count]), first))
-        return best_start, best_start + count
+        """The `num_blocks` window where the swarm is weakest now (peers still joining count where they will be)."""
+        count = min(self.config.num_blocks or self.num_model_blocks, self.num_model_blocks)
+        start = choose_start(block_throughputs(planned_spans(self._swarm()), self.num_model_blocks), count)
+        return start, start + count
+
+    async def _ping_forever(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            spans = await loop.run_in_executor(None, self._swarm)
+            self.next_pings = await ping_successors(spans, self.identity, self.end)
+            await asyncio.sleep(self.config.announce_period)
+
+    async def _balance_forever(self) -> None:
+        """Every randomised period, move to other blocks if that clearly helps the swarm (see block_selection)."""
+        while True:
+            await asyncio.sleep(self.config.balance_period * random.uniform(0.5, 1.5))  # peers do not decide in step
+            try:
+                await self._rebalance()
+            except Exception as error:  # a failed check or load must not take a serving peer down
+                logger.warning(f"load balancing failed, staying on blocks {self.start}:{self.end}: {error!r}")
+                self.moving_to = None
+
+    async def _better_start(self) -> int | None:
+        spans = await asyncio.get_running_loop().run_in_executor(None, self._swarm)
+        own = PeerSpan(self.identity, self._record())
+        return better_start(spans, own, self.num_model_blocks, self.config.balance_margin)
+
+    async def _rebalance(self) -> None:
+        """Loads the new span while still serving the old one, then switches: coverage never has a hole."""
+        new_start = await self._better_start()
+        if new_start is None:
+            return
+        self.moving_to = new_start
+        await self.announcer.announce()  # others plan with us there and do not rush to the same blocks
+        length = self.end - self.start
+        logger.warning(f"load balancing: moving from blocks {self.start}:{self.end} to {new_start}:{new_start + length}")
+        # Load, and give others a period to announce: a record missed once (a DHT hiccup, a peer that was about to
+        # re-announce) must not make us move, and two peers that decided together see each other's plan.
+        span, _ = await asyncio.gather(self._load(new_start), asyncio.sleep(self.config.announce_period))
+        if await self._better_start() != new_start:  # the swarm changed meanwhile: keep serving where we are
+            self.moving_to = None
+            await self.announcer.announce()
+            return
+        old_runtime = self.servicer.switch_span(span, self._new_runtime(span))
+        self.start, self.end, self.span, self.moving_to = new_start, new_start + length, span, None
+        await self.announcer.announce()
+        await asyncio.get_running_loop().run_in_executor(None, old_runtime.shutdown)
+        print(f"peer {self.identity} moved: blocks {self.start}:{self.end}", flush=True)

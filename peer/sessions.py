@@ -25,6 +25,7 @@ class InferenceSessionState:
     ):
         self.session_id = session_id
         self.lora, self.lora_scaling = lora or {}, lora_scaling
+        self.span_start = span_start
         self.blocks = slice(start - span_start, end - span_start)
         self.batch_size, self.max_length = batch_size, max_length
         self.position = 0

@@ -9,3 +9,7 @@ DEFAULT_MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 MODEL_INDEX_KEY = "_swarm.models"
 
 DEFAULT_ANNOUNCE_PERIOD = 30.0
+
+# Network bandwidth a peer announces when its operator does not say (Mbit/s); it is not measured, since a peer
+# cannot know which of its links the swarm will use.
+DEFAULT_BANDWIDTH_MBPS = 100.0

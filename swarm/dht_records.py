@@ -8,6 +8,7 @@ from dataclasses import asdict, dataclass, field
 from enum import IntEnum
 from typing import Any
 
+from swarm.constants import MODEL_INDEX_KEY
 from swarm.identity import identity_from_subkey
 
 
@@ -25,11 +26,18 @@ class ServerRecord:
     address: str  # host:port of the peer's gRPC data plane
     dtype: str
     version: str
-    throughput: float = 0.0  # tokens/s the peer can process through its span
+    throughput: float = 0.0  # tokens/s the peer computes through its span
+    network_throughput: float = 0.0  # tokens/s its bandwidth carries (activations in and out); 0: unknown
     cache_tokens_left: int = 0
     public_name: str = ""
     adapters: tuple[str, ...] = ()
-    next_pings: dict[str, float] = field(default_factory=dict)
+    next_pings: dict[str, float] = field(default_factory=dict)  # round trip (s) to peers serving its end block
+    moving_to: int | None = None  # first block of the span it is loading to move there (load balancing)
+
+    @property
+    def effective_throughput(self) -> float:
+        """What the span can actually serve: the slower of compute and network."""
+        return min(self.throughput, self.network_throughput) if self.network_throughput > 0 else self.throughput
 
     def to_dict(self) -> dict[str, Any]:
         record = asdict(self)
@@ -49,10 +57,12 @@ class ServerRecord:
                 dtype=str(record["dtype"]),
                 version=str(record["version"]),
                 throughput=float(record.get("throughput", 0.0)),
+                network_throughput=float(record.get("network_throughput", 0.0)),
                 cache_tokens_left=int(record.get("cache_tokens_left", 0)),
                 public_name=str(record.get("public_name", "")),
                 adapters=tuple(str(name) for name in record.get("adapters", ())),
                 next_pings={str(k): float(v) for k, v in dict(record.get("next_pings", {})).items()},
+                moving_to=None if record.get("moving_to") is None else int(record["moving_to"]),
             )
         except (KeyError, TypeError, ValueError, AttributeError):
             return None
@@ -79,9 +89,13 @@ class PeerSpan:
 
 
 def fetch_peer_spans(dht, model_prefix: str, num_blocks: int, states=(ServerState.ONLINE,)) -> list[PeerSpan]:
-    """Every peer announcing blocks of the model in one of `states`, read from the DHT (one lookup per block)."""
+    """Every peer announcing blocks of the model in one of `states`, read from the DHT (one lookup per block).
+
+    A peer that moved leaves records under its old blocks until they are overwritten or expire; its newest one
+    (latest expiration) is the one that counts.
+    """
     futures = [dht.get(block_key(model_prefix, block), latest=True, return_future=True) for block in range(num_blocks)]
-    spans: dict[str, PeerSpan] = {}
+    newest: dict[str, tuple[float, ServerRecord]] = {}
     for future in futures:
         entry = future.result()
         if entry is None or not isinstance(entry.value, dict):
@@ -89,6 +103,39 @@ def fetch_peer_spans(dht, model_prefix: str, num_blocks: int, states=(ServerStat
         for subkey, item in entry.value.items():
             peer_id = identity_from_subkey(subkey)  # unsigned records, or ones claiming another's identity: ignored
             record = ServerRecord.from_dict(item.value)
-            if peer_id is not None and record is not None and record.state in states and 0 <= record.start_block < record.end_block <= num_blocks:
-                spans[str(peer_id)] = PeerSpan(str(peer_id), record)
-    return sorted(spans.values(), key=lambda span: (span.start, span.peer_id))
+            if peer_id is None or record is None or not 0 <= record.start_block < record.end_block <= num_blocks:
+                continue
+            if peer_id not in newest or item.expiration_time > newest[peer_id][0]:
+                newest[peer_id] = (item.expiration_time, record)
+    spans = [PeerSpan(peer_id, record) for peer_id, (_, record) in newest.items() if record.state in states]
+    return sorted(spans, key=lambda span: (span.start, span.peer_id))
+
+
+MAX_MODEL_BLOCKS = 4096
+
+
+@dataclass(frozen=True)
+class ModelEntry:
+    """A model of the model index: what peers serving it announce about it."""
+
+    prefix: str
+    name: str
+    model_type: str
+    num_blocks: int
+
+
+def fetch_models(dht) -> list[ModelEntry]:
+    """The models whose peers announce them (malformed entries are skipped)."""
+    entry = dht.get(MODEL_INDEX_KEY, latest=True)
+    if entry is None or not isinstance(entry.value, dict):
+        return []
+    models = []
+    for subkey, item in entry.value.items():
+        info = item.value
+        try:
+            model = ModelEntry(subkey.decode(), str(info["name"]), str(info["model_type"]), int(info["num_blocks"]))
+        except (AttributeError, KeyError, TypeError, ValueError, UnicodeDecodeError):
+            continue
+        if 0 < model.num_blocks <= MAX_MODEL_BLOCKS:  # the index is unsigned: a bogus size must not cost a reader
+            models.append(model)
+    return sorted(models, key=lambda model: model.prefix)

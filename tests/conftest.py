@@ -8,6 +8,14 @@ from peer.local_swarm import start_bootstrap, start_peers
 from swarm.checkpoint_maker import save_random_checkpoint, tiny_llama_config
 
 
+@pytest.fixture(scope="session", autouse=True)
+def throughput_cache_dir(tmp_path_factory):
+    """Peers cache their measured throughput here (inherited by every peer process), not in the user's home."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("SWARM_CACHE_DIR", str(tmp_path_factory.mktemp("swarm-cache")))
+        yield
+
+
 @pytest.fixture(scope="session")
 def tiny_llama(tmp_path_factory) -> str:
     """A 4-block Llama with GQA, sharded in small safetensors files (so peers go through the index)."""

@@ -1,0 +1,73 @@
+"""`swarm-peer status`: the swarm as tables in the terminal (rich), gaps in red."""
+
+import itertools
+import time
+
+from rich.console import Console, Group
+from rich.panel import Panel
+from rich.table import Table
+from rich.text import Text
+
+from swarm.swarm_state import ModelView, SwarmSnapshot
+
+HEALTH_STYLES = {"healthy": "green", "gaps": "bold red", "down": "bold red", "degraded": "bold red", "empty": "yellow"}
+
+
+def block_ranges(model: ModelView) -> list[tuple[int, int, int, float]]:
+    """Runs of consecutive blocks with the same coverage: (first, last, servers, tokens/s)."""
+    runs = []
+    coverage = zip(model.block_servers, model.block_throughputs)
+    block = 0
+    for (servers, throughput), run in itertools.groupby(coverage):
+        length = len(list(run))
+        runs.append((block, block + length - 1, servers, throughput))
+        block += length
+    return runs
+
+
+def coverage_table(model: ModelView) -> Table:
+    table = Table(title="blocks", title_justify="left", expand=False)
+    for column in ("blocks", "servers", "tokens/s"):
+        table.add_column(column, justify="right")
+    for first, last, servers, throughput in block_ranges(model):
+        blocks = f"{first}" if first == last else f"{first}-{last}"
+        if servers == 0:
+            table.add_row(blocks, Text("GAP: no server", style="bold red"), "0", style="red")
+        else:
+            table.add_row(blocks, str(servers), f"{throughput:,.0f}")
+    return table
+
+
+def peers_table(model: ModelView) -> Table:
+    table = Table(title="peers", title_justify="left")
+    for column in ("peer", "name", "blocks", "state", "tokens/s", "network tok/s", "cache left", "dtype", "version", "address"):
+        table.add_column(column, justify="right" if column in ("tokens/s", "network tok/s", "cache left") else "left")
+    for peer in sorted(model.peers, key=lambda peer: (peer.start, peer.peer_id)):
+        blocks = f"{peer.start}:{peer.end}" + (f" -> {peer.moving_to}:" if peer.moving_to is not None else "")
+        state_style = {"online": "green", "joining": "yellow", "offline": "dim"}[peer.state]
+        table.add_row(
+            peer.peer_id[:12], peer.public_name, blocks, Text(peer.state, style=state_style), f"{peer.throughput:,.0f}",
+            f"{peer.network_throughput:,.0f}", f"{peer.cache_tokens_left:,}", peer.dtype, peer.version, peer.address,
+        )
+    return table
+
+
+def model_panel(model: ModelView) -> Panel:
+    gaps = model.gaps
+    summary = Text(f"{model.model_type}, {model.num_blocks} blocks, {len(model.peers)} peers: ")
+    summary.append(model.health, style=HEALTH_STYLES[model.health])
+    if gaps:
+        summary.append(f" ({len(gaps)} block(s) without a server)", style="red")
+    weakest = min(model.block_throughputs, default=0.0)
+    summary.append(f"; weakest block {weakest:,.0f} tokens/s")
+    return Panel(Group(summary, coverage_table(model), peers_table(model)), title=f"{model.name}  [dim]{model.prefix}[/]")
+
+
+def print_status(snapshot: SwarmSnapshot, console: Console) -> None:
+    taken = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(snapshot.taken_at))
+    console.print(Text.assemble(f"swarm at {taken}: {len(snapshot.models)} model(s), ",
+                                (snapshot.health, HEALTH_STYLES[snapshot.health])))
+    if not snapshot.models:
+        console.print("no model is announced: start peers with `swarm-peer serve` or `volunteer join`")
+    for model in snapshot.models:
+        console.print(model_panel(model))
