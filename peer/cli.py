@@ -67,13 +67,17 @@ def run_peer(model_path: str, blocks, num_blocks: int | None, device: str, dtype
         import torch
 
         torch.set_num_threads(num_threads)
+    try:
+        peer = Peer(config)
+    except (ValueError, FileNotFoundError) as error:  # a bad checkpoint folder or span: say so, no traceback
+        raise click.ClickException(str(error)) from None
     uvloop.install()
-    asyncio.run(Peer(config).run())
+    asyncio.run(peer.run())
 
 
 @click.group()
 def main() -> None:
-    """Run a Swarm peer: a DHT bootstrap node, or a server for a span of a model's transformer blocks."""
+    """Run a Swarm peer (a DHT bootstrap node, or a server for a span of a model's blocks), or look at the swarm."""
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
 
@@ -87,12 +91,70 @@ def bootstrap(host: str, port: int) -> None:
     dht, _ = swarm_dht(start=True, host_maddrs=[f"/ip4/{host}/tcp/{port}"])
     for address in dht.get_visible_maddrs():
         print(f"--initial-peers {address}", flush=True)
+    _wait_for_signal()
+    dht.shutdown()
+    print("bootstrap node stopped", flush=True)
+
+
+def _wait_for_signal() -> None:
     stop = threading.Event()
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, lambda *_: stop.set())
     stop.wait()
+
+
+def _swarm_reader(initial_peers):
+    """A client-mode DHT node for looking at the swarm (it stores nothing)."""
+    from swarm.identity import swarm_dht
+
+    if not initial_peers:
+        raise click.UsageError("give --initial-peers: the multiaddr of any DHT node of the swarm")
+    return swarm_dht(initial_peers=list(initial_peers), client_mode=True, start=True)[0]
+
+
+@main.command()
+@click.option("--initial-peers", multiple=True, help="Multiaddr of a DHT node of the swarm (repeatable).")
+@click.option("--json", "as_json", is_flag=True, help="Print the snapshot as JSON instead of tables.")
+def status(initial_peers, as_json: bool) -> None:
+    """Print the swarm: models, per-block coverage and throughput (gaps in red), peers."""
+    import json
+
+    from rich.console import Console
+
+    from peer.status import print_status
+    from swarm.swarm_state import take_snapshot
+
+    dht = _swarm_reader(initial_peers)
+    try:
+        snapshot = take_snapshot(dht)
+    finally:
+        dht.shutdown()
+    if as_json:
+        print(json.dumps(snapshot.to_dict(), indent=1))
+    else:
+        console = Console()
+        if not console.is_terminal:  # piped to a file or a pager: no terminal width to wrap to
+            console = Console(width=160)
+        print_status(snapshot, console)
+
+
+@main.command()
+@click.option("--initial-peers", multiple=True, help="Multiaddr of a DHT node of the swarm (repeatable).")
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address the dashboard listens on.")
+@click.option("--port", default=8080, show_default=True, help="Port of the dashboard (0: any free port).")
+@click.option("--refresh", default=5.0, show_default=True, help="Seconds between re-reads of the swarm.")
+def monitor(initial_peers, host: str, port: int, refresh: float) -> None:
+    """Serve a live web dashboard of the swarm: health, coverage chart per model, peers."""
+    from peer.monitor import Dashboard
+
+    dht = _swarm_reader(initial_peers)
+    dashboard = Dashboard(dht, host, port, refresh)
+    dashboard.start()
+    print(f"dashboard at {dashboard.url}", flush=True)
+    _wait_for_signal()
+    dashboard.stop()
     dht.shutdown()
-    print("bootstrap node stopped", flush=True)
+    print("dashboard stopped", flush=True)
 
 
 @main.command()

@@ -71,6 +71,8 @@ class Peer:
         self.dtype = resolve_dtype(config.dtype, self.checkpoint)
         self.model_prefix = self.checkpoint.model_prefix()
         self.num_model_blocks = self.checkpoint.config.num_hidden_layers
+        if config.blocks is not None and config.blocks[1] > self.num_model_blocks:
+            raise ValueError(f"--blocks {config.blocks[0]}:{config.blocks[1]} is outside the model's 0:{self.num_model_blocks}")
         self.state = ServerState.JOINING
         self.throughput = 0.0
         self.network_throughput = network_throughput(config.bandwidth_mbps, self.checkpoint.config.hidden_size, self.dtype)

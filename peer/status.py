@@ -3,8 +3,8 @@
 import itertools
 import time
 
-from rich.console import Console, Group
-from rich.panel import Panel
+from rich import box
+from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
@@ -26,7 +26,7 @@ def block_ranges(model: ModelView) -> list[tuple[int, int, int, float]]:
 
 
 def coverage_table(model: ModelView) -> Table:
-    table = Table(title="blocks", title_justify="left", expand=False)
+    table = Table(box=box.SIMPLE_HEAD, padding=(0, 1))
     for column in ("blocks", "servers", "tokens/s"):
         table.add_column(column, justify="right")
     for first, last, servers, throughput in block_ranges(model):
@@ -39,28 +39,33 @@ def coverage_table(model: ModelView) -> Table:
 
 
 def peers_table(model: ModelView) -> Table:
-    table = Table(title="peers", title_justify="left")
-    for column in ("peer", "name", "blocks", "state", "tokens/s", "network tok/s", "cache left", "dtype", "version", "address"):
-        table.add_column(column, justify="right" if column in ("tokens/s", "network tok/s", "cache left") else "left")
+    table = Table(box=box.SIMPLE_HEAD, padding=(0, 1))
+    for column in ("peer", "name", "blocks", "state", "tokens/s", "net tok/s", "cache left", "dtype", "ver", "address"):
+        table.add_column(column, justify="right" if column in ("tokens/s", "net tok/s", "cache left") else "left",
+                         no_wrap=True)
     for peer in sorted(model.peers, key=lambda peer: (peer.start, peer.peer_id)):
         blocks = f"{peer.start}:{peer.end}" + (f" -> {peer.moving_to}:" if peer.moving_to is not None else "")
         state_style = {"online": "green", "joining": "yellow", "offline": "dim"}[peer.state]
         table.add_row(
-            peer.peer_id[:12], peer.public_name, blocks, Text(peer.state, style=state_style), f"{peer.throughput:,.0f}",
+            peer.peer_id[:10], peer.public_name, blocks, Text(peer.state, style=state_style), f"{peer.throughput:,.0f}",
             f"{peer.network_throughput:,.0f}", f"{peer.cache_tokens_left:,}", peer.dtype, peer.version, peer.address,
         )
     return table
 
 
-def model_panel(model: ModelView) -> Panel:
+def print_model(model: ModelView, console: Console) -> None:
     gaps = model.gaps
-    summary = Text(f"{model.model_type}, {model.num_blocks} blocks, {len(model.peers)} peers: ")
+    console.print()
+    console.print(Text.assemble((model.name, "bold"), f"  {model.prefix}", style="cyan"))
+    summary = Text(f"{model.model_type}, {model.num_blocks} blocks, {len(model.peers)} peer(s): ")
     summary.append(model.health, style=HEALTH_STYLES[model.health])
     if gaps:
         summary.append(f" ({len(gaps)} block(s) without a server)", style="red")
     weakest = min(model.block_throughputs, default=0.0)
     summary.append(f"; weakest block {weakest:,.0f} tokens/s")
-    return Panel(Group(summary, coverage_table(model), peers_table(model)), title=f"{model.name}  [dim]{model.prefix}[/]")
+    console.print(summary)
+    console.print(coverage_table(model))
+    console.print(peers_table(model))
 
 
 def print_status(snapshot: SwarmSnapshot, console: Console) -> None:
@@ -70,4 +75,4 @@ def print_status(snapshot: SwarmSnapshot, console: Console) -> None:
     if not snapshot.models:
         console.print("no model is announced: start peers with `swarm-peer serve` or `volunteer join`")
     for model in snapshot.models:
-        console.print(model_panel(model))
+        print_model(model, console)
