@@ -15,8 +15,10 @@ class ClientConfig:
     ping_timeout: float = 2.0
     # Seconds a peer may keep a new session waiting for cache memory.
     alloc_timeout: float = 30.0
-    # Seconds for which a fetched view of the swarm is reused before asking the DHT again.
-    view_ttl: float = 1.0
+    # Seconds between background re-reads of the swarm from the DHT (and re-measures of round trips).
+    refresh_period: float = 5.0
+    # Log every chosen inference route (peer name@address[blocks)) at WARNING, so that it shows without set-up.
+    show_route: bool = False
     max_message_bytes: int = 64 * 1024 * 1024
     # How many times a failed hop is replaced (with another peer, history replayed) before giving up.
     max_retries: int = 3

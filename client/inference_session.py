@@ -108,15 +108,26 @@ class InferenceSession:
         return [hop_session.hop for hop_session in self._hops or []]
 
     def _open_chain(self, start: int, end: int) -> list[HopSession]:
+        """Opens sessions on a chain over [start, end), hop by hop: a peer that fails to open one is banned and the
+        rest of the chain is routed again from there (up to max_retries times)."""
+        config = self.remote.config
         opened: list[HopSession] = []
+        failures, position = 0, start
         try:
-            for hop in self.remote.view.chain(start, end):
-                stub = self.remote.connections.stub(hop.peer.record.address)
-                config = self.remote.config
-                opened.append(HopSession(
-                    stub, hop, self._batch_size, self.max_length, config.alloc_timeout, config.request_timeout,
-                    self.lora, self.lora_scaling,
-                ))
+            while position < end:
+                hop = self.remote.view.chain(position, end, cache_tokens=self._batch_size * self.max_length)[0]
+                try:
+                    opened.append(HopSession(
+                        self.remote.connections.stub(hop.peer.record.address), hop, self._batch_size,
+                        self.max_length, config.alloc_timeout, config.request_timeout, self.lora, self.lora_scaling,
+                    ))
+                except RemoteError as error:
+                    if error.code not in PEER_FAILURES or failures == config.max_retries:
+                        raise
+                    failures += 1
+                    self.remote.view.ban(error.peer, error)
+                    continue
+                position = hop.end
         except BaseException:
             for hop_session in opened:
                 hop_session.close()

@@ -3,6 +3,7 @@
 import logging
 import math
 import random
+import threading
 import time
 
 import grpc
@@ -14,7 +15,7 @@ from swarm.identity import swarm_dht
 from swarm.constants import PROTOCOL_VERSION
 from swarm.dht_records import PeerSpan, fetch_peer_spans
 from swarm.errors import MissingBlocksError, RemoteError
-from swarm.routing import Hop, lowest_cost_chain, spread_chain
+from swarm.routing import Hop, lowest_cost_chain, spread_chain, with_cache_room
 from swarm.wire import swarm_peer_pb2 as pb
 
 logger = logging.getLogger(__name__)
@@ -41,27 +42,48 @@ class SwarmView:
         self.dht = dht or swarm_dht(initial_peers=config.initial_peers, client_mode=True, start=True)[0]
         self._rtts: dict[str, tuple[float, float]] = {}  # peer id -> (round trip seconds, measured at)
         self._rng = random.Random()
-        self._spans: list[PeerSpan] = []
-        self._fetched_at = -float("inf")
-        self._bans: dict[str, tuple[float, int]] = {}  # peer id -> (banned until, failures so far)
+        self._spans: list[PeerSpan] | None = None
+        self._dht_lock = threading.Lock()  # the view reads the DHT from two threads; one request at a time
+        # peer id -> (banned until, failures so far, the run of the peer that failed: its announced start time)
+        self._bans: dict[str, tuple[float, int, float]] = {}
+        self._stopping = threading.Event()
+        threading.Thread(target=self._refresh_forever, name="swarm-view", daemon=True).start()
 
     def ban(self, peer_id: str, reason: RemoteError) -> None:
-        """Avoid a peer that failed, for longer each time it fails again."""
-        _, failures = self._bans.get(peer_id, (0.0, 0))
+        """Avoid a peer that failed, for longer each time it fails again (a restarted peer starts afresh)."""
+        _, failures, _ = self._bans.get(peer_id, (0.0, 0, 0.0))
         duration = min(self.config.ban_seconds * 2**failures, self.config.max_ban_seconds)
-        self._bans[peer_id] = (time.monotonic() + duration, failures + 1)
+        self._bans[peer_id] = (time.monotonic() + duration, failures + 1, self._started_at(peer_id))
         logger.warning(f"peer {peer_id} failed ({reason.code}: {reason.message}); avoiding it for {duration:.0f}s")
 
     def is_banned(self, peer_id: str) -> bool:
-        return self._bans.get(peer_id, (0.0, 0))[0] > time.monotonic()
+        until, _, started_at = self._bans.get(peer_id, (0.0, 0, 0.0))
+        if self._started_at(peer_id) > started_at:  # it restarted since it failed: a new run under the same identity
+            return False
+        return until > time.monotonic()
+
+    def _started_at(self, peer_id: str) -> float:
+        return next((span.record.started_at for span in self._spans or [] if span.peer_id == peer_id), 0.0)
 
     def peer_spans(self, refresh: bool = False) -> list[PeerSpan]:
-        """Online peers of this model that speak our protocol and pass the allowed/blocked filters."""
-        if refresh or time.monotonic() - self._fetched_at > self.config.view_ttl:
-            spans = fetch_peer_spans(self.dht, self.model_prefix, self.num_blocks)
+        """Online peers of this model that speak our protocol and pass the allowed/blocked filters; kept fresh by a
+        background thread, read from the DHT here only the first time or when asked to."""
+        if refresh or self._spans is None:
+            with self._dht_lock:
+                spans = fetch_peer_spans(self.dht, self.model_prefix, self.num_blocks)
             self._spans = [span for span in spans if self._usable(span)]
-            self._fetched_at = time.monotonic()
         return self._spans
+
+    def _refresh_forever(self) -> None:
+        """Re-reads the swarm and re-measures round trips that are getting old, so that choosing a chain never
+        waits for the DHT or for pings."""
+        while not self._stopping.wait(self.config.refresh_period):
+            try:
+                for span in self.peer_spans(refresh=True):
+                    if time.monotonic() - self._rtts.get(span.peer_id, (0.0, -math.inf))[1] > RTT_TTL / 2:
+                        self._measure_round_trip(span)
+            except Exception as error:  # the DHT may be unreachable for a while; the next period tries again
+                logger.debug(f"refreshing the view of the swarm failed: {error!r}")
 
     def _usable(self, span: PeerSpan) -> bool:
         if span.record.version != PROTOCOL_VERSION:
@@ -70,21 +92,27 @@ class SwarmView:
             return False
         return span.peer_id not in self.config.blocked_peers
 
-    def chain(self, start: int = 0, end: int | None = None, purpose: str = "inference") -> list[Hop]:
+    def chain(self, start: int = 0, end: int | None = None, purpose: str = "inference", cache_tokens: int = 0) -> list[Hop]:
         """A chain over blocks [start, end): for "inference" the lowest expected latency per step (measured round
-        trips plus announced compute speed, a penalty per hop); for "training" a throughput-weighted random draw
-        that spreads forward/backward load over replicas. Looks again at the DHT before declaring blocks missing."""
+        trips plus announced compute speed, a penalty per hop) over peers with `cache_tokens` of cache free, if
+        those cover the blocks; for "training" a throughput-weighted random draw that spreads forward/backward
+        load over replicas. Looks again at the DHT before declaring blocks missing."""
         end = self.num_blocks if end is None else end
         try:
-            return self._choose(self._unbanned(self.peer_spans()), start, end, purpose)
+            return self._choose(self._unbanned(self.peer_spans()), start, end, purpose, cache_tokens)
         except MissingBlocksError:
-            return self._choose(self._unbanned(self.peer_spans(refresh=True)), start, end, purpose)
+            return self._choose(self._unbanned(self.peer_spans(refresh=True)), start, end, purpose, cache_tokens)
 
-    def _choose(self, spans: list[PeerSpan], start: int, end: int, purpose: str) -> list[Hop]:
+    def _choose(self, spans: list[PeerSpan], start: int, end: int, purpose: str, cache_tokens: int) -> list[Hop]:
         if purpose == "training":
             return spread_chain(spans, start, end, self._rng, self.model_prefix)
+        spans = with_cache_room(spans, start, end, cache_tokens)
         chain = lowest_cost_chain(spans, start, end, self._step_cost, self.model_prefix)
-        logger.info("route: " + " -> ".join(f"{hop.peer.peer_id[-8:]}[{hop.start}:{hop.end})" for hop in chain))
+        route = " -> ".join(
+            f"{hop.peer.record.public_name or hop.peer.peer_id[:10]}@{hop.peer.record.address}[{hop.start}:{hop.end})"
+            for hop in chain
+        )
+        logger.log(logging.WARNING if self.config.show_route else logging.DEBUG, f"route: {route}")
         return chain
 
     def _step_cost(self, span: PeerSpan, start: int, end: int) -> float:
@@ -96,17 +124,23 @@ class SwarmView:
         """Measured (and cached) time of an Info call to the peer; an unreachable peer costs UNREACHABLE."""
         rtt, measured_at = self._rtts.get(span.peer_id, (0.0, -math.inf))
         if time.monotonic() - measured_at > RTT_TTL:
-            started = time.perf_counter()
-            try:
-                self.connections.stub(span.record.address).Info(pb.InfoRequest(), timeout=self.config.ping_timeout)
-                rtt = time.perf_counter() - started
-            except grpc.RpcError:
-                rtt = UNREACHABLE
-            self._rtts[span.peer_id] = (rtt, time.monotonic())
+            rtt = self._measure_round_trip(span)
+        return rtt
+
+    def _measure_round_trip(self, span: PeerSpan) -> float:
+        started = time.perf_counter()
+        try:
+            self.connections.stub(span.record.address).Info(pb.InfoRequest(), timeout=self.config.ping_timeout)
+            rtt = time.perf_counter() - started
+        except grpc.RpcError:
+            rtt = UNREACHABLE
+        self._rtts[span.peer_id] = (rtt, time.monotonic())
         return rtt
 
     def _unbanned(self, spans: list[PeerSpan]) -> list[PeerSpan]:
         return [span for span in spans if not self.is_banned(span.peer_id)]
 
     def shutdown(self) -> None:
-        self.dht.shutdown()
+        self._stopping.set()
+        with self._dht_lock:
+            self.dht.shutdown()

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 
 import grpc
 import torch
+from hivemind.utils import get_dht_time
 
 from peer.announcer import Announcer
 from peer.block_selection import (
@@ -28,7 +29,7 @@ from swarm.checkpoint import Checkpoint
 from swarm.constants import DEFAULT_BANDWIDTH_MBPS, PROTOCOL_VERSION
 from swarm.coverage import block_throughputs
 from swarm.dht_records import PeerSpan, ServerRecord, ServerState, fetch_peer_spans
-from swarm.identity import identity_of, own_subkey, swarm_dht
+from swarm.identity import identity_of, load_or_create_key, own_subkey, swarm_dht
 from swarm.tensors import DTYPE_NAMES
 from swarm.wire import swarm_peer_pb2_grpc as pb_grpc
 
@@ -54,6 +55,7 @@ class PeerConfig:
     balance_period: float = 120.0  # mean seconds between load-balancing checks (peers that did not pin --blocks)
     balance_margin: float = DEFAULT_MARGIN
     bandwidth_mbps: float = DEFAULT_BANDWIDTH_MBPS
+    identity_path: str | None = None  # private key file: the same identity across restarts
 
 
 def resolve_dtype(name: str, checkpoint: Checkpoint) -> torch.dtype:
@@ -79,6 +81,7 @@ class Peer:
         self.throughputs = ThroughputCache()
         self.next_pings: dict[str, float] = {}
         self.moving_to: int | None = None
+        self.started_at = get_dht_time()
         self.address = ""
         self.stopping = asyncio.Event()
 
@@ -86,8 +89,9 @@ class Peer:
         started = time.perf_counter()
         config = self.config
         loop = asyncio.get_running_loop()
+        key = load_or_create_key(config.identity_path) if config.identity_path else None
         self.dht, validator = swarm_dht(
-            initial_peers=config.initial_peers, start=True, host_maddrs=[f"/ip4/{config.host}/tcp/0"]
+            key, initial_peers=config.initial_peers, start=True, host_maddrs=[f"/ip4/{config.host}/tcp/0"]
         )
         self.identity = identity_of(validator.local_public_key)
         self.start, self.end = config.blocks or await loop.run_in_executor(None, self._choose_blocks)
@@ -171,6 +175,7 @@ class Peer:
             public_name=self.config.public_name,
             next_pings=self.next_pings,
             moving_to=self.moving_to,
+            started_at=self.started_at,
         )
 
     def _model_info(self) -> dict:

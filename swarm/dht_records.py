@@ -33,6 +33,7 @@ class ServerRecord:
     adapters: tuple[str, ...] = ()
     next_pings: dict[str, float] = field(default_factory=dict)  # round trip (s) to peers serving its end block
     moving_to: int | None = None  # first block of the span it is loading to move there (load balancing)
+    started_at: float = 0.0  # DHT time this run of the peer started: a restart under the same identity is a new peer
 
     @property
     def effective_throughput(self) -> float:
@@ -63,6 +64,7 @@ class ServerRecord:
                 adapters=tuple(str(name) for name in record.get("adapters", ())),
                 next_pings={str(k): float(v) for k, v in dict(record.get("next_pings", {})).items()},
                 moving_to=None if record.get("moving_to") is None else int(record["moving_to"]),
+                started_at=float(record.get("started_at", 0.0)),
             )
         except (KeyError, TypeError, ValueError, AttributeError):
             return None

@@ -8,18 +8,30 @@ rejected when stored (wrong signature) or ignored when read (identity not derive
 """
 
 import hashlib
+from pathlib import Path
 
 import hivemind
 from hivemind.dht.crypto import RSASignatureValidator
 from hivemind.dht.validation import DHTRecord, RecordValidatorBase
 from hivemind.utils import MSGPackSerializer
+from hivemind.utils.crypto import RSAPrivateKey
 
 IDENTITY_PREFIX = "sw"
 
 
-def new_validator() -> RSASignatureValidator:
-    """A validator holding a fresh private key (this process's DHT node signs its records with it)."""
-    return RSASignatureValidator(hivemind.utils.crypto.RSAPrivateKey())
+def load_or_create_key(path: str | Path) -> RSAPrivateKey:
+    """The private key kept in `path` (DER), made and saved (readable by the owner only) if the file is missing:
+    a peer started with the same file keeps its identity across restarts."""
+    path = Path(path).expanduser()
+    if path.exists():
+        key = RSAPrivateKey.__new__(RSAPrivateKey)
+        key.__setstate__({"_private_key": path.read_bytes()})  # hivemind's own (un)pickling path for its keys
+        return key
+    key = RSAPrivateKey()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.touch(mode=0o600)
+    path.write_bytes(key.to_bytes())
+    return key
 
 
 def identity_of(owner_marker: bytes) -> str:
@@ -53,7 +65,8 @@ class BytesSubkeyValidator(RecordValidatorBase):
             return False
 
 
-def swarm_dht(**kwargs) -> tuple[hivemind.DHT, RSASignatureValidator]:
-    """A DHT node that enforces the swarm's record rules (every node of the swarm must), and its signer."""
-    validator = new_validator()
+def swarm_dht(private_key: RSAPrivateKey | None = None, **kwargs) -> tuple[hivemind.DHT, RSASignatureValidator]:
+    """A DHT node that enforces the swarm's record rules (every node of the swarm must), and its signer (with
+    `private_key`, or a fresh key: a new identity)."""
+    validator = RSASignatureValidator(private_key or RSAPrivateKey())
     return hivemind.DHT(record_validators=[validator, BytesSubkeyValidator()], **kwargs), validator

@@ -27,6 +27,13 @@ def missing_blocks(spans: list[PeerSpan], start: int, end: int) -> list[int]:
     return [block for block in range(start, end) if block not in covered]
 
 
+def with_cache_room(spans: list[PeerSpan], start: int, end: int, cache_tokens: int) -> list[PeerSpan]:
+    """The peers with `cache_tokens` of cache free, if they cover [start, end); otherwise all of them (a full peer
+    lets a new session wait for room, which beats having no chain)."""
+    roomy = [span for span in spans if span.record.cache_tokens_left >= cache_tokens]
+    return spans if missing_blocks(roomy, start, end) else roomy
+
+
 def fewest_hops_chain(spans: list[PeerSpan], start: int, end: int, model_prefix: str = "") -> list[Hop]:
     """The chain with the fewest hops covering [start, end): from each position, the peer that reaches furthest.
 

@@ -1,5 +1,6 @@
 """Routing with real peers: inference avoids a slow replica; forward/backward spreads over replicas."""
 
+import signal
 import time
 from collections import Counter
 
@@ -8,6 +9,7 @@ import torch
 
 from client import AutoDistributedModelForCausalLM
 from peer.local_swarm import start_peers
+from swarm.errors import SwarmError
 
 
 @pytest.fixture(scope="module")
@@ -76,3 +78,34 @@ def test_hung_peer_times_out_and_is_replaced(tiny_llama, bootstrap, replicas, re
     finally:
         model.close()
         hung.process.stop()
+
+
+def test_a_peer_restarted_with_its_identity_is_not_held_to_its_old_failure(tiny_llama, bootstrap, reference, tmp_path):
+    """A peer that died is banned by the client; restarted with the same key file it has the same identity, but
+    its new run (later start time in its record) is a new peer: the client uses it again at once."""
+    key = str(tmp_path / "peer.key")
+    (peer,) = start_peers(tiny_llama, bootstrap, ["0:4"], "--identity-path", key)
+    model = AutoDistributedModelForCausalLM.from_pretrained(
+        tiny_llama, initial_peers=[bootstrap], allowed_peers=(peer.peer_id,), refresh_period=0.5, max_retries=1,
+    )
+    try:
+        input_ids = torch.tensor([[1, 72, 105, 33]])
+        expected = reference.generate(input_ids, max_new_tokens=6, do_sample=False)
+        assert torch.equal(model.generate(input_ids, max_new_tokens=6, do_sample=False), expected)
+        peer.process.stop(signal.SIGKILL)
+        with pytest.raises(SwarmError):
+            model.generate(input_ids, max_new_tokens=6, do_sample=False)
+        assert model.remote.view.is_banned(peer.peer_id)
+
+        (restarted,) = start_peers(tiny_llama, bootstrap, ["0:4"], "--identity-path", key)
+        try:
+            assert restarted.peer_id == peer.peer_id
+            deadline = time.monotonic() + 30
+            while model.remote.view.is_banned(peer.peer_id):  # until the view has read the new run's record
+                assert time.monotonic() < deadline, "the restarted peer stayed banned"
+                time.sleep(0.2)
+            assert torch.equal(model.generate(input_ids, max_new_tokens=6, do_sample=False), expected)
+        finally:
+            restarted.process.stop()
+    finally:
+        model.close()

@@ -9,7 +9,7 @@ from peer.memory_pool import CacheExhaustedError, CachePool
 from swarm import tensors
 from swarm.dht_records import PeerSpan, ServerRecord, ServerState
 from swarm.errors import MissingBlocksError
-from swarm.routing import fewest_hops_chain, lowest_cost_chain, spread_chain
+from swarm.routing import fewest_hops_chain, lowest_cost_chain, spread_chain, with_cache_room
 
 
 def span(peer_id: str, start: int, end: int, cache: int = 100) -> PeerSpan:
@@ -102,3 +102,10 @@ def test_spread_chain_uses_replicas_by_throughput():
     rng = __import__("random").Random(0)
     picks = [spread_chain(replicas, 0, 2, rng)[0].peer.peer_id for _ in range(400)]
     assert 150 < picks.count("a") < 250 and 150 < picks.count("b") < 250 and picks.count("c") < 5
+
+
+def test_routing_prefers_peers_with_cache_room():
+    spans = [span("full", 0, 4, cache=16), span("roomy-a", 0, 2, cache=4096), span("roomy-b", 2, 4, cache=4096)]
+    assert [s.peer_id for s in with_cache_room(spans, 0, 4, 1024)] == ["roomy-a", "roomy-b"]
+    assert [s.peer_id for s in with_cache_room(spans[:2], 0, 4, 1024)] == ["full", "roomy-a"]  # none else for 2:4
+    assert len(with_cache_room(spans, 0, 4, 0)) == 3
