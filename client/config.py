@@ -17,6 +17,9 @@ class ClientConfig:
     alloc_timeout: float = 30.0
     # Seconds between background re-reads of the swarm from the DHT (and re-measures of round trips).
     refresh_period: float = 5.0
+    # A LoRA adapter hosted by peers (swarm-peer serve --adapters), by name: applied to inference and training,
+    # and only peers hosting it are used. "" for none.
+    active_adapter: str = ""
     # Log every chosen inference route (peer name@address[blocks)) at WARNING, so that it shows without set-up.
     show_route: bool = False
     max_message_bytes: int = 64 * 1024 * 1024

@@ -27,7 +27,7 @@ class HopSession:
 
     def __init__(
         self, stub, hop: Hop, batch_size: int, max_length: int, alloc_timeout: float, step_timeout: float,
-        lora=None, lora_scaling=1.0,
+        lora=None, lora_scaling=1.0, adapter: str = "",
     ):
         self.hop = hop
         self.peer = hop.peer.peer_id
@@ -38,7 +38,7 @@ class HopSession:
         self._requests: queue.SimpleQueue = queue.SimpleQueue()
         opening = pb.OpenSession(
             session_id=self.session_id, start_block=hop.start, end_block=hop.end,
-            batch_size=batch_size, max_length=max_length, alloc_timeout=alloc_timeout,
+            batch_size=batch_size, max_length=max_length, alloc_timeout=alloc_timeout, adapter=adapter,
         )
         add_lora(opening, hop, lora or {}, lora_scaling, self.dtype)
         self._requests.put(pb.InferenceRequest(open=opening))
@@ -120,6 +120,7 @@ class InferenceSession:
                     opened.append(HopSession(
                         self.remote.connections.stub(hop.peer.record.address), hop, self._batch_size,
                         self.max_length, config.alloc_timeout, config.request_timeout, self.lora, self.lora_scaling,
+                        config.active_adapter,
                     ))
                 except RemoteError as error:
                     if error.code not in PEER_FAILURES or failures == config.max_retries:

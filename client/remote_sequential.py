@@ -122,6 +122,7 @@ class _RemoteHop(torch.autograd.Function):
         )
         if prompts is not None:
             request.deep_prompts.CopyFrom(tensors.encode(prompts.to(dtype)))
+        request.adapter = remote.config.active_adapter
         lora = {name: tuple(lora_tensors[2 * index : 2 * index + 2]) for index, name in enumerate(lora_names)}
         add_lora(request, hop, lora, lora_scaling, dtype)
         response, ctx.hop = remote.call(hop, "Forward", request)

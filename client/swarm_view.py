@@ -101,9 +101,15 @@ class SwarmView:
         try:
             return self._choose(self._unbanned(self.peer_spans()), start, end, purpose, cache_tokens)
         except MissingBlocksError:
+            pass
+        try:
             return self._choose(self._unbanned(self.peer_spans(refresh=True)), start, end, purpose, cache_tokens)
+        except MissingBlocksError as error:
+            raise MissingBlocksError(self.model_prefix, error.missing_blocks, self.config.active_adapter) from None
 
     def _choose(self, spans: list[PeerSpan], start: int, end: int, purpose: str, cache_tokens: int) -> list[Hop]:
+        if self.config.active_adapter:
+            spans = [span for span in spans if self.config.active_adapter in span.record.adapters]
         if purpose == "training":
             return spread_chain(spans, start, end, self._rng, self.model_prefix)
         spans = with_cache_room(spans, start, end, cache_tokens)

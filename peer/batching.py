@@ -7,15 +7,17 @@ Each session keeps its own position, mask and pages; the pass gathers them into 
 import torch
 
 from peer.kv_pages import PagedKV, PagedPassCache
-from peer.lora import lora_applied
+from peer.adapters import adapter_lora
+from peer.lora import loras_applied
 from peer.sessions import StepWork
 from swarm.blocks import BlockSpan
 
 
 def pass_key(work: StepWork, num_tokens: int) -> tuple:
-    """Steps with equal keys can share a pass: same blocks, same adapter, same number of new tokens."""
+    """Steps with equal keys can share a pass: same blocks, same adapters, same number of new tokens."""
     session = work.session
-    return session.blocks.start, session.blocks.stop, id(session.lora) if session.lora else 0, num_tokens
+    hosted = session.adapter.name if session.adapter else ""
+    return session.blocks.start, session.blocks.stop, hosted, id(session.lora) if session.lora else 0, num_tokens
 
 
 def run_pass(span: BlockSpan, kv: PagedKV, works: list[StepWork], num_tokens: int) -> None:
@@ -37,7 +39,7 @@ def run_pass(span: BlockSpan, kv: PagedKV, works: list[StepWork], num_tokens: in
         attention_mask = masks.gather(1, cache.positions.clamp(min=0)) & (cache.positions >= 0)
         device = next(span.parameters()).device
         first = sessions[0]
-        with lora_applied(span, first.lora, first.lora_scaling):
+        with loras_applied(span, adapter_lora(first.adapter), (first.lora, first.lora_scaling)):
             output = span(
                 hidden.to(device), position_ids.to(device), attention_mask.to(device), cache=cache, blocks=first.blocks
             )

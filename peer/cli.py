@@ -40,6 +40,8 @@ _PEER_OPTIONS = [
                  help="Mean seconds between checks whether other blocks need this peer more (not with --blocks)."),
     click.option("--bandwidth", "bandwidth_mbps", default=DEFAULT_BANDWIDTH_MBPS, show_default=True,
                  help="This machine's network bandwidth in Mbit/s (announced as network throughput)."),
+    click.option("--adapters", multiple=True, help="A peft LoRA adapter folder to host, as PATH or NAME=PATH "
+                 "(repeatable); clients choose it by name (default name: the folder's)."),
     click.option("--identity-path", type=click.Path(dir_okay=False), help="File with this peer's private key "
                  "(created if missing): the peer keeps its identity across restarts (default: a new one each run)."),
 ]
@@ -52,7 +54,7 @@ def peer_options(command):
 
 def run_peer(model_path: str, blocks, num_blocks: int | None, device: str, dtype: str, initial_peers, host, port,
              announce_host, cache_tokens, announce_period, session_timeout, max_message_mb, public_name, num_threads,
-             balance_period, bandwidth_mbps, identity_path) -> None:
+             balance_period, bandwidth_mbps, identity_path, adapters) -> None:
     """Runs a peer until SIGINT/SIGTERM."""
     import uvloop
 
@@ -63,7 +65,7 @@ def run_peer(model_path: str, blocks, num_blocks: int | None, device: str, dtype
         device=device, dtype=dtype, host=host, port=port, announce_host=announce_host, cache_tokens=cache_tokens,
         announce_period=announce_period, session_idle_timeout=session_timeout,
         max_message_bytes=max_message_mb * 2**20, public_name=public_name, balance_period=balance_period,
-        bandwidth_mbps=bandwidth_mbps, identity_path=identity_path,
+        bandwidth_mbps=bandwidth_mbps, identity_path=identity_path, adapters=tuple(adapters),
     )
     if num_threads is not None:
         import torch

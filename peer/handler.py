@@ -7,11 +7,13 @@ from collections.abc import AsyncIterator, Callable
 import grpc
 import torch
 
+from peer.adapters import HostedAdapter
 from peer.memory_pool import CacheExhaustedError, CachePool
 from peer.runtime import ComputeRuntime
 from peer.sessions import InferenceSessionState, StepWork
 from peer.training import (
-    check_lora_scaling, decode_grad_outputs, decode_job, decode_lora, merge_group, run_backward, run_forward,
+    check_lora_scaling, decode_grad_outputs, decode_job, decode_lora, find_adapter, merge_group, run_backward,
+    run_forward,
 )
 from peer.validation import InvalidRequest, check_block_range, decode_span_inputs, decode_tensor
 from swarm import tensors
@@ -36,8 +38,10 @@ class SwarmPeerServicer(pb_grpc.SwarmPeerServicer):
         max_message_bytes: int,
         session_idle_timeout: float,
         on_cache_change: Callable[[], None] = lambda: None,
+        adapters: dict[str, HostedAdapter] | None = None,
     ):
         self.span, self.dtype, self.model_prefix = span, dtype, model_prefix
+        self.adapters = adapters or {}
         self.runtime, self.pool = runtime, pool
         self.max_message_bytes = max_message_bytes
         self.session_idle_timeout = session_idle_timeout
@@ -45,14 +49,14 @@ class SwarmPeerServicer(pb_grpc.SwarmPeerServicer):
         self.hidden_size = span.config.hidden_size
         self.open_sessions: dict[str, InferenceSessionState] = {}
 
-    def switch_span(self, span: BlockSpan, runtime: ComputeRuntime) -> ComputeRuntime:
+    def switch_span(self, span: BlockSpan, runtime: ComputeRuntime, adapters: dict[str, HostedAdapter]) -> ComputeRuntime:
         """Serve another span of the same length from now on (load balancing); returns the old span's runtime.
 
         Sessions opened on the old span end at their next step with UNAVAILABLE, and their clients replay them
         elsewhere; the KV pool's pages are handed out as before.
         """
         old_runtime = self.runtime
-        self.span, self.runtime = span, runtime
+        self.span, self.runtime, self.adapters = span, runtime, adapters
         return old_runtime
 
     @property
@@ -71,11 +75,12 @@ class SwarmPeerServicer(pb_grpc.SwarmPeerServicer):
             hidden_size=self.hidden_size,
             max_message_bytes=self.max_message_bytes,
             largest_batch=self.runtime.largest_pass,
+            adapters=sorted(self.adapters),
         )
 
     async def Forward(self, request: pb.ForwardRequest, context) -> pb.ForwardResponse:
         try:
-            job = decode_job(request, self.span, self.dtype)
+            job = decode_job(request, self.span, self.dtype, self.adapters)
         except InvalidRequest as error:
             await context.abort(getattr(grpc.StatusCode, error.code), str(error))
         output = await self.runtime.run(run_forward, job, merge_group(job))
@@ -83,7 +88,7 @@ class SwarmPeerServicer(pb_grpc.SwarmPeerServicer):
 
     async def Backward(self, request: pb.BackwardRequest, context) -> pb.BackwardResponse:
         try:
-            job = decode_job(request.inputs, self.span, self.dtype)
+            job = decode_job(request.inputs, self.span, self.dtype, self.adapters)
             grad_outputs = decode_grad_outputs(request.grad_outputs, job)
         except InvalidRequest as error:
             await context.abort(getattr(grpc.StatusCode, error.code), str(error))
@@ -105,6 +110,7 @@ class SwarmPeerServicer(pb_grpc.SwarmPeerServicer):
                 raise InvalidRequest(f"session id {opening.session_id!r} is empty or already open", "ALREADY_EXISTS")
             lora = decode_lora(opening.lora, self.span, opening.start_block, opening.end_block, self.dtype)
             lora_scaling = check_lora_scaling(opening.lora_scaling) if lora else 1.0
+            adapter = find_adapter(self.adapters, opening.adapter)
         except InvalidRequest as error:
             await context.abort(getattr(grpc.StatusCode, error.code), str(error))
         num_pages = self.pool.pages_for(opening.max_length) * opening.batch_size
@@ -113,7 +119,7 @@ class SwarmPeerServicer(pb_grpc.SwarmPeerServicer):
             async with self.pool.reserve(num_pages, timeout) as pages:
                 session = InferenceSessionState(
                     opening.session_id, self.span.start, opening.start_block, opening.end_block,
-                    opening.batch_size, opening.max_length, pages, lora, lora_scaling,
+                    opening.batch_size, opening.max_length, pages, lora, lora_scaling, adapter,
                 )
                 self.open_sessions[session.session_id] = session
                 self.on_cache_change()

@@ -32,6 +32,15 @@ def lora_applied(span: BlockSpan, factors: dict[str, tuple[torch.Tensor, torch.T
             handle.remove()
 
 
+@contextlib.contextmanager
+def loras_applied(span: BlockSpan, *loras: tuple[dict[str, tuple[torch.Tensor, torch.Tensor]], float]) -> Iterator[None]:
+    """Several LoRAs at once (a hosted adapter and the client's own): their updates add up."""
+    with contextlib.ExitStack() as stack:
+        for factors, scaling in loras:
+            stack.enter_context(lora_applied(span, factors, scaling))
+        yield
+
+
 def lora_target(span: BlockSpan, name: str) -> nn.Linear:
     """The linear named "{block}.{module path}" in the span; ValueError if there is none."""
     block_text, _, module_path = name.partition(".")

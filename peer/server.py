@@ -11,6 +11,7 @@ import grpc
 import torch
 from hivemind.utils import get_dht_time
 
+from peer.adapters import AdapterError, HostedAdapter, load_adapter, parse_adapter_option
 from peer.announcer import Announcer
 from peer.block_selection import (
     DEFAULT_MARGIN,
@@ -28,6 +29,7 @@ from swarm.blocks import BlockSpan
 from swarm.checkpoint import Checkpoint
 from swarm.constants import DEFAULT_BANDWIDTH_MBPS, PROTOCOL_VERSION
 from swarm.coverage import block_throughputs
+from swarm.families import family_for
 from swarm.dht_records import PeerSpan, ServerRecord, ServerState, fetch_peer_spans
 from swarm.identity import identity_of, load_or_create_key, own_subkey, swarm_dht
 from swarm.tensors import DTYPE_NAMES
@@ -56,6 +58,7 @@ class PeerConfig:
     balance_margin: float = DEFAULT_MARGIN
     bandwidth_mbps: float = DEFAULT_BANDWIDTH_MBPS
     identity_path: str | None = None  # private key file: the same identity across restarts
+    adapters: tuple[str, ...] = ()  # peft LoRA adapter folders to host, "PATH" or "NAME=PATH"
 
 
 def resolve_dtype(name: str, checkpoint: Checkpoint) -> torch.dtype:
@@ -82,6 +85,10 @@ class Peer:
         self.next_pings: dict[str, float] = {}
         self.moving_to: int | None = None
         self.started_at = get_dht_time()
+        self.adapter_paths = dict(parse_adapter_option(option) for option in config.adapters)
+        for name, path in self.adapter_paths.items():
+            if not (path / "adapter_config.json").is_file():
+                raise AdapterError(f"adapter {name!r}: {path} is not a peft adapter folder (no adapter_config.json)")
         self.address = ""
         self.stopping = asyncio.Event()
 
@@ -103,6 +110,7 @@ class Peer:
         self.servicer = SwarmPeerServicer(
             self.span, self.dtype, self.model_prefix, self._new_runtime(self.span), pool,
             config.max_message_bytes, config.session_idle_timeout, on_cache_change=self.announcer.announce_soon,
+            adapters=self._load_adapters(self.span),
         )
         server = grpc.aio.server(
             options=[
@@ -154,6 +162,10 @@ class Peer:
         self.throughput = throughput
         return span
 
+    def _load_adapters(self, span: BlockSpan) -> dict[str, HostedAdapter]:
+        layers_prefix = family_for(self.checkpoint.config).layers_prefix
+        return {name: load_adapter(name, path, span, layers_prefix, self.dtype) for name, path in self.adapter_paths.items()}
+
     def _new_runtime(self, span: BlockSpan) -> ComputeRuntime:
         num_pages = -(-self.config.cache_tokens // PAGE_SIZE)
         return ComputeRuntime(span, PagedKV(span.end - span.start, num_pages, PAGE_SIZE))
@@ -173,6 +185,7 @@ class Peer:
             network_throughput=self.network_throughput,
             cache_tokens_left=self.servicer.cache_tokens_left if self.state == ServerState.ONLINE else 0,
             public_name=self.config.public_name,
+            adapters=tuple(self.adapter_paths),
             next_pings=self.next_pings,
             moving_to=self.moving_to,
             started_at=self.started_at,
@@ -232,7 +245,7 @@ class Peer:
             self.moving_to = None
             await self.announcer.announce()
             return
-        old_runtime = self.servicer.switch_span(span, self._new_runtime(span))
+        old_runtime = self.servicer.switch_span(span, self._new_runtime(span), self._load_adapters(span))
         self.start, self.end, self.span, self.moving_to = new_start, new_start + length, span, None
         await self.announcer.announce()
         await asyncio.get_running_loop().run_in_executor(None, old_runtime.shutdown)

@@ -5,6 +5,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from peer.adapters import HostedAdapter
+
 from peer.kv_pages import PagedKV
 
 
@@ -22,9 +24,11 @@ class InferenceSessionState:
         pages: list[int],
         lora: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None,
         lora_scaling: float = 1.0,
+        adapter: HostedAdapter | None = None,
     ):
         self.session_id = session_id
         self.lora, self.lora_scaling = lora or {}, lora_scaling
+        self.adapter = adapter
         self.span_start = span_start
         self.blocks = slice(start - span_start, end - span_start)
         self.batch_size, self.max_length = batch_size, max_length

@@ -8,7 +8,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from peer.lora import lora_applied, lora_target
+from peer.adapters import HostedAdapter, adapter_lora
+from peer.lora import lora_target, loras_applied
 from peer.validation import InvalidRequest, SpanInputs, check_block_range, decode_span_inputs, decode_tensor
 from swarm import tensors
 from swarm.blocks import BlockSpan
@@ -24,9 +25,12 @@ class SpanJob:
     deep_prompts: torch.Tensor | None = None
     lora: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
     lora_scaling: float = 1.0
+    adapter: HostedAdapter | None = None  # hosted by the peer: applied, never differentiated
 
 
-def decode_job(request: pb.ForwardRequest, span: BlockSpan, dtype: torch.dtype) -> SpanJob:
+def decode_job(
+    request: pb.ForwardRequest, span: BlockSpan, dtype: torch.dtype, adapters: dict[str, HostedAdapter]
+) -> SpanJob:
     check_block_range(request.start_block, request.end_block, span.start, span.end)
     inputs = decode_span_inputs(
         request.hidden_states, request.position_ids, request.attention_mask,
@@ -43,9 +47,18 @@ def decode_job(request: pb.ForwardRequest, span: BlockSpan, dtype: torch.dtype) 
             raise InvalidRequest(f"deep_prompts cover {prompts.shape[2]} positions of a {length}-token sequence")
         _check_trainable(prompts, dtype, "deep_prompts")
         job.deep_prompts = prompts
+    job.adapter = find_adapter(adapters, request.adapter)
     job.lora = decode_lora(request.lora, span, request.start_block, request.end_block, dtype)
     job.lora_scaling = check_lora_scaling(request.lora_scaling) if job.lora else 1.0
     return job
+
+
+def find_adapter(adapters: dict[str, HostedAdapter], name: str) -> HostedAdapter | None:
+    if not name:
+        return None
+    if name not in adapters:
+        raise InvalidRequest(f"this peer hosts no adapter {name!r}; it hosts {sorted(adapters) or 'none'}", "NOT_FOUND")
+    return adapters[name]
 
 
 def decode_lora(named_tensors, span: BlockSpan, start: int, end: int, dtype: torch.dtype) -> dict[str, tuple]:
@@ -107,12 +120,12 @@ def merge_group(job: SpanJob) -> tuple | None:
     """Jobs with equal keys can run as one batch; jobs carrying trainable tensors of their own always run alone."""
     if job.deep_prompts is not None or job.lora:
         return None
-    return job.blocks.start, job.blocks.stop, job.inputs.hidden_states.shape[1]
+    return job.blocks.start, job.blocks.stop, job.adapter.name if job.adapter else "", job.inputs.hidden_states.shape[1]
 
 
 def run_forward(span: BlockSpan, jobs: list[SpanJob]) -> list[torch.Tensor]:
     job = _merged(jobs)
-    with torch.inference_mode(), lora_applied(span, job.lora, job.lora_scaling):
+    with torch.inference_mode(), loras_applied(span, adapter_lora(job.adapter), (job.lora, job.lora_scaling)):
         output = _run(span, job, job.inputs.hidden_states, job.deep_prompts)
     return list(output.split(_batch_sizes(jobs)))
 
@@ -126,7 +139,7 @@ def run_backward(span: BlockSpan, items: list[tuple[SpanJob, torch.Tensor]]) -> 
         prompts = None if job.deep_prompts is None else job.deep_prompts.clone().requires_grad_(True)
         lora = {name: tuple(t.clone().requires_grad_(True) for t in pair) for name, pair in job.lora.items()}
         leaves = [hidden] + ([prompts] if prompts is not None else []) + [t for pair in lora.values() for t in pair]
-        with lora_applied(span, lora, job.lora_scaling):
+        with loras_applied(span, adapter_lora(job.adapter), (lora, job.lora_scaling)):
             output = _run(span, job, hidden, prompts)
         grads = torch.autograd.grad(output, leaves, grad_outputs)
     if len(items) > 1:  # merged jobs carry nothing but hidden states
@@ -152,7 +165,8 @@ def _merged(jobs: list[SpanJob]) -> SpanJob:
     def rows(name: str) -> torch.Tensor:
         return torch.cat([getattr(job.inputs, name) for job in jobs])
 
-    return SpanJob(SpanInputs(rows("hidden_states"), rows("position_ids"), rows("attention_mask")), jobs[0].blocks)
+    inputs = SpanInputs(rows("hidden_states"), rows("position_ids"), rows("attention_mask"))
+    return SpanJob(inputs, jobs[0].blocks, adapter=jobs[0].adapter)
 
 
 def _run(span: BlockSpan, job: SpanJob, hidden: torch.Tensor, prompts: torch.Tensor | None) -> torch.Tensor:

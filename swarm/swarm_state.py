@@ -25,6 +25,7 @@ class PeerView:
     address: str
     next_pings: dict[str, float]
     moving_to: int | None
+    adapters: list[str]
 
     @classmethod
     def of(cls, span: PeerSpan) -> "PeerView":
@@ -32,7 +33,7 @@ class PeerView:
         return cls(
             span.peer_id, record.public_name, record.state.name.lower(), span.start, span.end, record.throughput,
             record.network_throughput, record.cache_tokens_left, record.dtype, record.version, record.address,
-            record.next_pings, record.moving_to,
+            record.next_pings, record.moving_to, list(record.adapters),
         )
 
 

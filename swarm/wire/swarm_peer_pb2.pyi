@@ -21,7 +21,7 @@ class InfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class InfoResponse(_message.Message):
-    __slots__ = ("protocol_version", "model_prefix", "start_block", "end_block", "dtype", "cache_tokens_left", "hidden_size", "max_message_bytes", "largest_batch")
+    __slots__ = ("protocol_version", "model_prefix", "start_block", "end_block", "dtype", "cache_tokens_left", "hidden_size", "max_message_bytes", "largest_batch", "adapters")
     PROTOCOL_VERSION_FIELD_NUMBER: _ClassVar[int]
     MODEL_PREFIX_FIELD_NUMBER: _ClassVar[int]
     START_BLOCK_FIELD_NUMBER: _ClassVar[int]
@@ -31,6 +31,7 @@ class InfoResponse(_message.Message):
     HIDDEN_SIZE_FIELD_NUMBER: _ClassVar[int]
     MAX_MESSAGE_BYTES_FIELD_NUMBER: _ClassVar[int]
     LARGEST_BATCH_FIELD_NUMBER: _ClassVar[int]
+    ADAPTERS_FIELD_NUMBER: _ClassVar[int]
     protocol_version: str
     model_prefix: str
     start_block: int
@@ -40,10 +41,11 @@ class InfoResponse(_message.Message):
     hidden_size: int
     max_message_bytes: int
     largest_batch: int
-    def __init__(self, protocol_version: _Optional[str] = ..., model_prefix: _Optional[str] = ..., start_block: _Optional[int] = ..., end_block: _Optional[int] = ..., dtype: _Optional[str] = ..., cache_tokens_left: _Optional[int] = ..., hidden_size: _Optional[int] = ..., max_message_bytes: _Optional[int] = ..., largest_batch: _Optional[int] = ...) -> None: ...
+    adapters: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, protocol_version: _Optional[str] = ..., model_prefix: _Optional[str] = ..., start_block: _Optional[int] = ..., end_block: _Optional[int] = ..., dtype: _Optional[str] = ..., cache_tokens_left: _Optional[int] = ..., hidden_size: _Optional[int] = ..., max_message_bytes: _Optional[int] = ..., largest_batch: _Optional[int] = ..., adapters: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class OpenSession(_message.Message):
-    __slots__ = ("session_id", "start_block", "end_block", "batch_size", "max_length", "alloc_timeout", "lora", "lora_scaling")
+    __slots__ = ("session_id", "start_block", "end_block", "batch_size", "max_length", "alloc_timeout", "lora", "lora_scaling", "adapter")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     START_BLOCK_FIELD_NUMBER: _ClassVar[int]
     END_BLOCK_FIELD_NUMBER: _ClassVar[int]
@@ -52,6 +54,7 @@ class OpenSession(_message.Message):
     ALLOC_TIMEOUT_FIELD_NUMBER: _ClassVar[int]
     LORA_FIELD_NUMBER: _ClassVar[int]
     LORA_SCALING_FIELD_NUMBER: _ClassVar[int]
+    ADAPTER_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     start_block: int
     end_block: int
@@ -60,7 +63,8 @@ class OpenSession(_message.Message):
     alloc_timeout: float
     lora: _containers.RepeatedCompositeFieldContainer[NamedTensor]
     lora_scaling: float
-    def __init__(self, session_id: _Optional[str] = ..., start_block: _Optional[int] = ..., end_block: _Optional[int] = ..., batch_size: _Optional[int] = ..., max_length: _Optional[int] = ..., alloc_timeout: _Optional[float] = ..., lora: _Optional[_Iterable[_Union[NamedTensor, _Mapping]]] = ..., lora_scaling: _Optional[float] = ...) -> None: ...
+    adapter: str
+    def __init__(self, session_id: _Optional[str] = ..., start_block: _Optional[int] = ..., end_block: _Optional[int] = ..., batch_size: _Optional[int] = ..., max_length: _Optional[int] = ..., alloc_timeout: _Optional[float] = ..., lora: _Optional[_Iterable[_Union[NamedTensor, _Mapping]]] = ..., lora_scaling: _Optional[float] = ..., adapter: _Optional[str] = ...) -> None: ...
 
 class InferenceStep(_message.Message):
     __slots__ = ("session_id", "step_id", "hidden_states", "position_ids", "attention_mask", "beam_reorder", "start_position", "has_start_position")
@@ -137,7 +141,7 @@ class NamedTensor(_message.Message):
     def __init__(self, name: _Optional[str] = ..., tensor: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
 
 class ForwardRequest(_message.Message):
-    __slots__ = ("start_block", "end_block", "hidden_states", "position_ids", "attention_mask", "deep_prompts", "lora", "lora_scaling")
+    __slots__ = ("start_block", "end_block", "hidden_states", "position_ids", "attention_mask", "deep_prompts", "lora", "lora_scaling", "adapter")
     START_BLOCK_FIELD_NUMBER: _ClassVar[int]
     END_BLOCK_FIELD_NUMBER: _ClassVar[int]
     HIDDEN_STATES_FIELD_NUMBER: _ClassVar[int]
@@ -146,6 +150,7 @@ class ForwardRequest(_message.Message):
     DEEP_PROMPTS_FIELD_NUMBER: _ClassVar[int]
     LORA_FIELD_NUMBER: _ClassVar[int]
     LORA_SCALING_FIELD_NUMBER: _ClassVar[int]
+    ADAPTER_FIELD_NUMBER: _ClassVar[int]
     start_block: int
     end_block: int
     hidden_states: Tensor
@@ -154,7 +159,8 @@ class ForwardRequest(_message.Message):
     deep_prompts: Tensor
     lora: _containers.RepeatedCompositeFieldContainer[NamedTensor]
     lora_scaling: float
-    def __init__(self, start_block: _Optional[int] = ..., end_block: _Optional[int] = ..., hidden_states: _Optional[_Union[Tensor, _Mapping]] = ..., position_ids: _Optional[_Union[Tensor, _Mapping]] = ..., attention_mask: _Optional[_Union[Tensor, _Mapping]] = ..., deep_prompts: _Optional[_Union[Tensor, _Mapping]] = ..., lora: _Optional[_Iterable[_Union[NamedTensor, _Mapping]]] = ..., lora_scaling: _Optional[float] = ...) -> None: ...
+    adapter: str
+    def __init__(self, start_block: _Optional[int] = ..., end_block: _Optional[int] = ..., hidden_states: _Optional[_Union[Tensor, _Mapping]] = ..., position_ids: _Optional[_Union[Tensor, _Mapping]] = ..., attention_mask: _Optional[_Union[Tensor, _Mapping]] = ..., deep_prompts: _Optional[_Union[Tensor, _Mapping]] = ..., lora: _Optional[_Iterable[_Union[NamedTensor, _Mapping]]] = ..., lora_scaling: _Optional[float] = ..., adapter: _Optional[str] = ...) -> None: ...
 
 class ForwardResponse(_message.Message):
     __slots__ = ("hidden_states",)
