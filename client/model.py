@@ -25,14 +25,15 @@ from swarm.model_loading import load_parts, meta_model, meta_tensors
 
 
 class RemotePastKeyValues(Cache):
-    """Stands in for the KV cache, which lives on the peers: reports how many tokens they hold, forwards reorders."""
+    """Stands in for the KV cache, which lives on the peers: reports how many of the caller's tokens they hold
+    (trained prompts before them are not the caller's), forwards reorders."""
 
-    def __init__(self, session: InferenceSession):
+    def __init__(self, session: InferenceSession, num_prompt_tokens: int = 0):
         super().__init__(layers=[])
-        self.session = session
+        self.session, self.num_prompt_tokens = session, num_prompt_tokens
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
-        return self.session.position
+        return max(self.session.position - self.num_prompt_tokens, 0)
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         self.session.reorder(beam_idx)
@@ -91,11 +92,8 @@ class DistributedCausalLMMixin:
                 hidden, position_ids, mask, labels = self._prepend_prompts(hidden, position_ids, mask, labels)
                 deep_prompts, prefix = self.prompt_tuning.batch_deep_prompts(batch), self.prompt_tuning.num_prefix_tokens
             hidden = self.run_blocks(hidden, position_ids, mask, deep_prompts)
-        elif self.prompt_tuning is not None:
-            raise NotImplementedError("generation with trained prompts is not supported yet; LoRA-tuned models generate")
         elif isinstance(past_key_values, RemotePastKeyValues):
-            session = past_key_values.session
-            hidden = session.step(hidden, position_ids, self._mask_columns(attention_mask, length, batch))
+            hidden, prefix = self._session_step(past_key_values.session, hidden, position_ids, attention_mask)
         else:
             raise TypeError(f"past_key_values must come from an inference session, not {type(past_key_values)}")
         hidden = self.family.final_norm(self, hidden)
@@ -106,6 +104,23 @@ class DistributedCausalLMMixin:
             loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
         logits = logits[:, prefix:] if logits.shape[1] > prefix else logits
         return CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=past_key_values)
+
+    def _session_step(self, session: InferenceSession, hidden, position_ids, attention_mask) -> tuple[torch.Tensor, int]:
+        """One step of generation on the peers; the trained prompts go first, before the first step's tokens.
+        Returns the output and how many prompt positions lead it."""
+        batch, length = hidden.shape[:2]
+        mask = self._mask_columns(attention_mask, length, batch)
+        if self.prompt_tuning is None:
+            return session.step(hidden, position_ids, mask), 0
+        if self.prompt_tuning.deep_prompts is not None:
+            raise NotImplementedError("generation with deep prompts is not supported yet (ptune and LoRA models generate)")
+        prefix = self.prompt_tuning.num_prefix_tokens
+        if session.position == 0:
+            hidden, position_ids, mask, _ = self._prepend_prompts(hidden, position_ids, mask, None)
+            return session.step(hidden, position_ids, mask), prefix
+        if position_ids is not None:  # generate counts positions from the caller's tokens only
+            position_ids = position_ids + prefix
+        return session.step(hidden, position_ids, mask), 0
 
     def run_blocks(self, hidden, position_ids=None, mask=None, deep_prompts=None) -> torch.Tensor:
         """A stateless, differentiable pass through the remote blocks, with this model's LoRA factors if any."""
@@ -167,7 +182,8 @@ class DistributedCausalLMMixin:
                 f"this generation needs up to {max_cache_length} tokens but the session was opened with "
                 f"max_length={session.max_length}"
             )
-        model_kwargs["past_key_values"] = RemotePastKeyValues(session)
+        prompts = self.prompt_tuning.num_prefix_tokens if self.prompt_tuning is not None else 0
+        model_kwargs["past_key_values"] = RemotePastKeyValues(session, prompts)
 
     def generate(self, *args, **kwargs):
         try:

@@ -217,3 +217,32 @@ def test_sequence_classification_head_trains_like_local(tiny_llama, bootstrap, p
         assert torch.allclose(model.score.weight, local.score.weight, atol=1e-4)
     finally:
         model.close()
+
+
+def test_prompt_tuned_model_generates_like_local(tiny_llama, bootstrap, allowed, reference):
+    """Trained prompts go before the prompt on the peers; local: the same embeddings through `inputs_embeds`.
+    A left-padded batch, and a second generate continuing the same session."""
+    model = swarm_model(tiny_llama, bootstrap, allowed, tuning_mode="ptune", num_prefix_tokens=PREFIX)
+    try:
+        with torch.no_grad():
+            model.prompt_tuning.prompts.normal_(0, 1.0)
+        prompts = model.prompt_tuning.prompts.detach().expand(2, -1, -1)
+
+        def local_generate(ids, mask, new_tokens):
+            embeds = torch.cat([prompts, reference.model.embed_tokens(ids)], dim=1)
+            full_mask = torch.cat([torch.ones(2, PREFIX, dtype=torch.long), mask], dim=1)
+            return reference.generate(inputs_embeds=embeds, attention_mask=full_mask, max_new_tokens=new_tokens, do_sample=False)
+
+        ids = torch.tensor([[0, 0, 1, 84, 104], [1, 101, 32, 99, 97]])
+        mask = (ids != 0).long()
+        expected = local_generate(ids, mask, 10)
+        assert not torch.equal(expected, reference.generate(ids, attention_mask=mask, max_new_tokens=10, do_sample=False)[:, 5:])
+        with model.inference_session(max_length=40):
+            output = model.generate(ids, attention_mask=mask, max_new_tokens=10, do_sample=False)
+            assert torch.equal(output[:, 5:], expected)
+            longer = torch.cat([output, torch.tensor([[33], [34]])], dim=1)
+            longer_mask = torch.cat([mask, torch.ones(2, longer.shape[1] - 5, dtype=torch.long)], dim=1)
+            again = model.generate(longer, attention_mask=longer_mask, max_new_tokens=4, do_sample=False)
+        assert torch.equal(again[:, longer.shape[1] :], local_generate(longer, longer_mask, 4))
+    finally:
+        model.close()
