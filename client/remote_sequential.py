@@ -11,12 +11,14 @@ from client.inference_session import PEER_FAILURES, InferenceSession, add_lora
 from client.swarm_view import SwarmView
 from client.transport import PeerConnections
 from swarm import tensors
+from swarm.chunks import MAX_CHUNKED_MESSAGES, ChunkAssembler, ChunkedMessageError, to_chunks
 from swarm.errors import RemoteError, SwarmError
 from swarm.routing import Hop
 from swarm.tensors import DTYPES
 from swarm.wire import swarm_peer_pb2 as pb
 
 LoRAFactors = dict[str, tuple[torch.Tensor, torch.Tensor]]  # "{block}.{module path}" -> (A [r, in], B [out, r])
+RESPONSE_TYPES = {"Forward": pb.ForwardResponse, "Backward": pb.BackwardResponse}
 
 
 class RemoteSequential(nn.Module):
@@ -83,10 +85,11 @@ class RemoteSequential(nn.Module):
         same blocks (requests are stateless, so any replica can answer). Returns (response, hop that answered)."""
         for attempt in range(self.config.max_retries + 1):
             try:
-                stub = self.connections.stub(hop.peer.record.address)
-                return getattr(stub, method)(request, timeout=self.config.request_timeout), hop
+                return self._send(self.connections.stub(hop.peer.record.address), method, request), hop
             except grpc.RpcError as error:
                 failure = RemoteError(hop.peer.peer_id, error.code().name, error.details() or "")
+            except ChunkedMessageError as error:
+                failure = RemoteError(hop.peer.peer_id, "PROTOCOL", str(error))
             if failure.code not in PEER_FAILURES or attempt == self.config.max_retries:
                 raise failure
             self.view.ban(hop.peer.peer_id, failure)
@@ -98,6 +101,17 @@ class RemoteSequential(nn.Module):
                 ) from failure
             hop = replacement[0]
         raise AssertionError("unreachable: the last attempt returns or raises")
+
+    def _send(self, stub, method: str, request):
+        """One call; a request above half the message limit (a very long sequence) goes as a stream of chunks."""
+        half_limit = self.config.max_message_bytes // 2
+        if request.ByteSize() <= half_limit:
+            return getattr(stub, method)(request, timeout=self.config.request_timeout)
+        chunks = getattr(stub, f"{method}Chunked")(to_chunks(request, half_limit), timeout=self.config.request_timeout)
+        assembler = ChunkAssembler(MAX_CHUNKED_MESSAGES * self.config.max_message_bytes)
+        for chunk in chunks:
+            assembler.add(chunk)
+        return assembler.message(RESPONSE_TYPES[method])
 
     def inference_session(self, max_length: int, lora: LoRAFactors | None = None, lora_scaling: float = 1.0) -> InferenceSession:
         return InferenceSession(self, max_length, lora, lora_scaling)

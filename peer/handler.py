@@ -17,6 +17,7 @@ from peer.training import (
 )
 from peer.validation import InvalidRequest, check_block_range, decode_span_inputs, decode_tensor
 from swarm import tensors
+from swarm.chunks import MAX_CHUNKED_MESSAGES, ChunkAssembler, ChunkedMessageError, to_chunks
 from swarm.blocks import BlockSpan
 from swarm.constants import PROTOCOL_VERSION
 from swarm.wire import swarm_peer_pb2 as pb
@@ -93,6 +94,26 @@ class SwarmPeerServicer(pb_grpc.SwarmPeerServicer):
         except InvalidRequest as error:
             await context.abort(getattr(grpc.StatusCode, error.code), str(error))
         return await self.runtime.run(run_backward, (job, grad_outputs), merge_group(job))
+
+    async def ForwardChunked(self, request_iterator, context) -> AsyncIterator[pb.Chunk]:
+        request = await self._assemble(request_iterator, pb.ForwardRequest, context)
+        for chunk in to_chunks(await self.Forward(request, context), self.max_message_bytes // 2):
+            yield chunk
+
+    async def BackwardChunked(self, request_iterator, context) -> AsyncIterator[pb.Chunk]:
+        request = await self._assemble(request_iterator, pb.BackwardRequest, context)
+        for chunk in to_chunks(await self.Backward(request, context), self.max_message_bytes // 2):
+            yield chunk
+
+    async def _assemble(self, chunks, message_type, context):
+        """The request a chunk stream carries, at most MAX_CHUNKED_MESSAGES message limits in all."""
+        assembler = ChunkAssembler(MAX_CHUNKED_MESSAGES * self.max_message_bytes)
+        try:
+            async for chunk in chunks:
+                assembler.add(chunk)
+            return assembler.message(message_type)
+        except ChunkedMessageError as error:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(error))
 
     async def Inference(self, request_iterator, context) -> AsyncIterator[pb.InferenceResponse]:
         requests = aiter(request_iterator)

@@ -2,11 +2,14 @@
 
 import copy
 
+import grpc
 import pytest
 import torch
 from peft import LoraConfig, get_peft_model, set_peft_model_state_dict
 
 from client import AutoDistributedModelForCausalLM
+from peer.local_swarm import start_peers
+from swarm.wire import swarm_peer_pb2 as pb
 
 SPANS = {"full": "0:4", "a": "0:1", "b": "1:4"}
 CHAINS = {1: ("full",), 2: ("a", "b")}
@@ -246,3 +249,30 @@ def test_prompt_tuned_model_generates_like_local(tiny_llama, bootstrap, allowed,
         assert torch.equal(again[:, longer.shape[1] :], local_generate(longer, longer_mask, 4))
     finally:
         model.close()
+
+
+def test_a_sequence_above_the_message_limit_goes_in_chunks(tiny_llama, bootstrap, reference):
+    """One row of 2500 tokens (640 KB of activations; with its gradient 1.3 MB) through a peer and a client
+    limited to 1 MB messages: requests and responses travel as chunk streams; results equal local autograd."""
+    (peer,) = start_peers(tiny_llama, bootstrap, ["0:4"], "--max-message-mb", "1")
+    model = swarm_model(tiny_llama, bootstrap, (peer.peer_id,), max_message_bytes=2**20)
+    try:
+        hidden = torch.randn(1, 2500, 64, generator=torch.Generator().manual_seed(3))
+        swarm_input, local_input = hidden.clone().requires_grad_(), hidden.clone().requires_grad_()
+        swarm_output = model.remote(swarm_input)
+        local_output = run_local_blocks(reference, local_input)
+        assert torch.allclose(swarm_output, local_output, atol=1e-4, rtol=0)
+        weights = torch.randn_like(local_output)
+        (swarm_output * weights).sum().backward()
+        (local_output * weights).sum().backward()
+        assert close_relative(swarm_input.grad, local_input.grad)
+
+        stub = model.remote.connections.stub(peer.address)
+        with pytest.raises(grpc.RpcError, match="do not form a ForwardRequest") as error:
+            list(stub.ForwardChunked(iter([pb.Chunk(data=b"\xff" * 1000)])))
+        assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        with pytest.raises(grpc.RpcError, match="exceeds the limit"):
+            list(stub.ForwardChunked(pb.Chunk(data=bytes(2**19)) for _ in range(40)))
+    finally:
+        model.close()
+        peer.process.stop()

@@ -176,6 +176,12 @@ class BackwardRequest(_message.Message):
     grad_outputs: Tensor
     def __init__(self, inputs: _Optional[_Union[ForwardRequest, _Mapping]] = ..., grad_outputs: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
 
+class Chunk(_message.Message):
+    __slots__ = ("data",)
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    data: bytes
+    def __init__(self, data: _Optional[bytes] = ...) -> None: ...
+
 class BackwardResponse(_message.Message):
     __slots__ = ("grad_hidden_states", "grad_deep_prompts", "grad_lora")
     GRAD_HIDDEN_STATES_FIELD_NUMBER: _ClassVar[int]

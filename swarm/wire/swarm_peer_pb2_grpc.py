@@ -54,6 +54,16 @@ class SwarmPeerStub:
                 request_serializer=swarm_dot_wire_dot_swarm__peer__pb2.BackwardRequest.SerializeToString,
                 response_deserializer=swarm_dot_wire_dot_swarm__peer__pb2.BackwardResponse.FromString,
                 _registered_method=True)
+        self.ForwardChunked = channel.stream_stream(
+                '/swarm.SwarmPeer/ForwardChunked',
+                request_serializer=swarm_dot_wire_dot_swarm__peer__pb2.Chunk.SerializeToString,
+                response_deserializer=swarm_dot_wire_dot_swarm__peer__pb2.Chunk.FromString,
+                _registered_method=True)
+        self.BackwardChunked = channel.stream_stream(
+                '/swarm.SwarmPeer/BackwardChunked',
+                request_serializer=swarm_dot_wire_dot_swarm__peer__pb2.Chunk.SerializeToString,
+                response_deserializer=swarm_dot_wire_dot_swarm__peer__pb2.Chunk.FromString,
+                _registered_method=True)
 
 
 class SwarmPeerServicer:
@@ -83,6 +93,20 @@ class SwarmPeerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ForwardChunked(self, request_iterator, context):
+        """The same for requests or responses too large for one message (e.g. one very long sequence): the request and
+        the response travel as streams of Chunks.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def BackwardChunked(self, request_iterator, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_SwarmPeerServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -105,6 +129,16 @@ def add_SwarmPeerServicer_to_server(servicer, server):
                     servicer.Backward,
                     request_deserializer=swarm_dot_wire_dot_swarm__peer__pb2.BackwardRequest.FromString,
                     response_serializer=swarm_dot_wire_dot_swarm__peer__pb2.BackwardResponse.SerializeToString,
+            ),
+            'ForwardChunked': grpc.stream_stream_rpc_method_handler(
+                    servicer.ForwardChunked,
+                    request_deserializer=swarm_dot_wire_dot_swarm__peer__pb2.Chunk.FromString,
+                    response_serializer=swarm_dot_wire_dot_swarm__peer__pb2.Chunk.SerializeToString,
+            ),
+            'BackwardChunked': grpc.stream_stream_rpc_method_handler(
+                    servicer.BackwardChunked,
+                    request_deserializer=swarm_dot_wire_dot_swarm__peer__pb2.Chunk.FromString,
+                    response_serializer=swarm_dot_wire_dot_swarm__peer__pb2.Chunk.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -215,6 +249,60 @@ class SwarmPeer:
             '/swarm.SwarmPeer/Backward',
             swarm_dot_wire_dot_swarm__peer__pb2.BackwardRequest.SerializeToString,
             swarm_dot_wire_dot_swarm__peer__pb2.BackwardResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ForwardChunked(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/swarm.SwarmPeer/ForwardChunked',
+            swarm_dot_wire_dot_swarm__peer__pb2.Chunk.SerializeToString,
+            swarm_dot_wire_dot_swarm__peer__pb2.Chunk.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def BackwardChunked(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/swarm.SwarmPeer/BackwardChunked',
+            swarm_dot_wire_dot_swarm__peer__pb2.Chunk.SerializeToString,
+            swarm_dot_wire_dot_swarm__peer__pb2.Chunk.FromString,
             options,
             channel_credentials,
             insecure,
