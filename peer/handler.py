@@ -155,6 +155,8 @@ class SwarmPeerServicer(pb_grpc.SwarmPeerServicer):
                     session.closed = True
                     if session.last_step is not None:  # its pages must not be reused while a pass may write them
                         await asyncio.wait([session.last_step])
+                        if not session.last_step.cancelled():
+                            session.last_step.exception()  # a dropped step's error is expected: mark it as seen
             self.on_cache_change()
         except CacheExhaustedError as error:
             await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(error))
