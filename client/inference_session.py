@@ -27,7 +27,7 @@ class HopSession:
 
     def __init__(
         self, stub, hop: Hop, batch_size: int, max_length: int, alloc_timeout: float, step_timeout: float,
-        lora=None, lora_scaling=1.0, adapter: str = "",
+        lora=None, lora_scaling=1.0, adapter: str = "", deep_prompts: torch.Tensor | None = None,
     ):
         self.hop = hop
         self.peer = hop.peer.peer_id
@@ -41,6 +41,8 @@ class HopSession:
             batch_size=batch_size, max_length=max_length, alloc_timeout=alloc_timeout, adapter=adapter,
         )
         add_lora(opening, hop, lora or {}, lora_scaling, self.dtype)
+        if deep_prompts is not None:  # [hop blocks, prefix, hidden]
+            opening.deep_prompts.CopyFrom(tensors.encode(deep_prompts.detach().to(self.dtype)))
         self._requests.put(pb.InferenceRequest(open=opening))
         self._call = stub.Inference(iter(self._requests.get, _CLOSE))
         response = self._receive(alloc_timeout + step_timeout)
@@ -92,9 +94,13 @@ class InferenceSession:
     `lora` (client-owned factors, "{block}.{module}" -> (A, B)) is sent once, when the session opens.
     """
 
-    def __init__(self, remote, max_length: int, lora: dict | None = None, lora_scaling: float = 1.0):
+    def __init__(
+        self, remote, max_length: int, lora: dict | None = None, lora_scaling: float = 1.0,
+        deep_prompts: torch.Tensor | None = None,
+    ):
         self.remote, self.max_length = remote, max_length
         self.lora, self.lora_scaling = lora, lora_scaling
+        self.deep_prompts = deep_prompts  # [remote blocks, prefix, hidden]: each hop gets its blocks' prompts
         self.position = 0
         self.pending_reorder: torch.Tensor | None = None
         self._hops: list[HopSession] | None = None
@@ -120,7 +126,7 @@ class InferenceSession:
                     opened.append(HopSession(
                         self.remote.connections.stub(hop.peer.record.address), hop, self._batch_size,
                         self.max_length, config.alloc_timeout, config.request_timeout, self.lora, self.lora_scaling,
-                        config.active_adapter,
+                        config.active_adapter, self._hop_deep_prompts(hop),
                     ))
                 except RemoteError as error:
                     if error.code not in PEER_FAILURES or failures == config.max_retries:
@@ -134,6 +140,11 @@ class InferenceSession:
                 hop_session.close()
             raise
         return opened
+
+    def _hop_deep_prompts(self, hop: Hop) -> torch.Tensor | None:
+        if self.deep_prompts is None:
+            return None
+        return self.deep_prompts[hop.start - self.remote.start_block : hop.end - self.remote.start_block]
 
     def _run_hop(self, index: int, hidden_states: torch.Tensor, step_fields: pb.InferenceStep) -> torch.Tensor:
         """Runs hop `index`; if its peer fails, replaces it (replaying its history) and tries again."""

@@ -112,8 +112,6 @@ class DistributedCausalLMMixin:
         mask = self._mask_columns(attention_mask, length, batch)
         if self.prompt_tuning is None:
             return session.step(hidden, position_ids, mask), 0
-        if self.prompt_tuning.deep_prompts is not None:
-            raise NotImplementedError("generation with deep prompts is not supported yet (ptune and LoRA models generate)")
         prefix = self.prompt_tuning.num_prefix_tokens
         if session.position == 0:
             hidden, position_ids, mask, _ = self._prepend_prompts(hidden, position_ids, mask, None)
@@ -165,9 +163,9 @@ class DistributedCausalLMMixin:
                 self._active_session = None
 
     def _open_session(self, max_length: int) -> InferenceSession:
-        if self.lora is None:
-            return self.remote.inference_session(max_length)
-        return self.remote.inference_session(max_length, self.lora.factors(), self.lora.scaling)
+        lora = (self.lora.factors(), self.lora.scaling) if self.lora is not None else (None, 1.0)
+        deep_prompts = self.prompt_tuning.deep_prompts if self.prompt_tuning is not None else None
+        return self.remote.inference_session(max_length, *lora, deep_prompts)
 
     def _prepare_cache_for_generation(self, generation_config, model_kwargs, generation_mode, batch_size, max_cache_length):
         if model_kwargs.get("past_key_values") is not None:

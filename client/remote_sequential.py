@@ -113,8 +113,11 @@ class RemoteSequential(nn.Module):
             assembler.add(chunk)
         return assembler.message(RESPONSE_TYPES[method])
 
-    def inference_session(self, max_length: int, lora: LoRAFactors | None = None, lora_scaling: float = 1.0) -> InferenceSession:
-        return InferenceSession(self, max_length, lora, lora_scaling)
+    def inference_session(
+        self, max_length: int, lora: LoRAFactors | None = None, lora_scaling: float = 1.0,
+        deep_prompts: torch.Tensor | None = None,
+    ) -> InferenceSession:
+        return InferenceSession(self, max_length, lora, lora_scaling, deep_prompts)
 
     def close(self) -> None:
         self.connections.close()

@@ -17,7 +17,9 @@ def pass_key(work: StepWork, num_tokens: int) -> tuple:
     """Steps with equal keys can share a pass: same blocks, same adapters, same number of new tokens."""
     session = work.session
     hosted = session.adapter.name if session.adapter else ""
-    return session.blocks.start, session.blocks.stop, hosted, id(session.lora) if session.lora else 0, num_tokens
+    own_prompts = session.deep_prompts_from(work.first_position, num_tokens) is not None
+    alone = id(work) if own_prompts else 0  # deep prompts still to add: this session runs alone
+    return session.blocks.start, session.blocks.stop, hosted, id(session.lora) if session.lora else 0, alone, num_tokens
 
 
 def run_pass(span: BlockSpan, kv: PagedKV, works: list[StepWork], num_tokens: int) -> None:
@@ -39,9 +41,11 @@ def run_pass(span: BlockSpan, kv: PagedKV, works: list[StepWork], num_tokens: in
         attention_mask = masks.gather(1, cache.positions.clamp(min=0)) & (cache.positions >= 0)
         device = next(span.parameters()).device
         first = sessions[0]
+        deep_prompts = first.deep_prompts_from(int(lengths[0]), num_tokens)  # a session with these runs alone
         with loras_applied(span, adapter_lora(first.adapter), (first.lora, first.lora_scaling)):
             output = span(
-                hidden.to(device), position_ids.to(device), attention_mask.to(device), cache=cache, blocks=first.blocks
+                hidden.to(device), position_ids.to(device), attention_mask.to(device), cache=cache, blocks=first.blocks,
+                deep_prompts=None if deep_prompts is None else deep_prompts.to(device),
             )
     for work, rows in zip(works, output.split([s.batch_size for s in sessions])):
         work.outputs.append(rows)

@@ -9,11 +9,11 @@ import torch
 
 from peer.adapters import HostedAdapter
 from peer.memory_pool import CacheExhaustedError, CachePool
-from peer.runtime import ComputeRuntime
+from peer.runtime import PREFILL_CHUNK, ComputeRuntime
 from peer.sessions import InferenceSessionState, StepWork
 from peer.training import (
-    check_lora_scaling, decode_grad_outputs, decode_job, decode_lora, find_adapter, merge_group, run_backward,
-    run_forward,
+    check_lora_scaling, check_trainable, decode_grad_outputs, decode_job, decode_lora, find_adapter, merge_group,
+    run_backward, run_forward,
 )
 from peer.validation import InvalidRequest, check_block_range, decode_span_inputs, decode_tensor
 from swarm import tensors
@@ -132,6 +132,7 @@ class SwarmPeerServicer(pb_grpc.SwarmPeerServicer):
             lora = decode_lora(opening.lora, self.span, opening.start_block, opening.end_block, self.dtype)
             lora_scaling = check_lora_scaling(opening.lora_scaling) if lora else 1.0
             adapter = find_adapter(self.adapters, opening.adapter)
+            deep_prompts = self._decode_session_prompts(opening)
         except InvalidRequest as error:
             await context.abort(getattr(grpc.StatusCode, error.code), str(error))
         num_pages = self.pool.pages_for(opening.max_length) * opening.batch_size
@@ -140,7 +141,7 @@ class SwarmPeerServicer(pb_grpc.SwarmPeerServicer):
             async with self.pool.reserve(num_pages, timeout) as pages:
                 session = InferenceSessionState(
                     opening.session_id, self.span.start, opening.start_block, opening.end_block,
-                    opening.batch_size, opening.max_length, pages, lora, lora_scaling, adapter,
+                    opening.batch_size, opening.max_length, pages, lora, lora_scaling, adapter, deep_prompts,
                 )
                 self.open_sessions[session.session_id] = session
                 self.on_cache_change()
@@ -160,6 +161,17 @@ class SwarmPeerServicer(pb_grpc.SwarmPeerServicer):
             self.on_cache_change()
         except CacheExhaustedError as error:
             await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(error))
+
+    def _decode_session_prompts(self, opening: pb.OpenSession) -> torch.Tensor | None:
+        if not tensors.is_set(opening.deep_prompts):
+            return None
+        prompts = decode_tensor(opening.deep_prompts, "deep_prompts")
+        blocks, longest = opening.end_block - opening.start_block, min(opening.max_length, PREFILL_CHUNK)
+        shape = list(prompts.shape)
+        if len(shape) != 3 or shape[0] != blocks or shape[2] != self.hidden_size or not 0 < shape[1] <= longest:
+            raise InvalidRequest(f"deep_prompts must be [{blocks}, prefix <= {longest}, {self.hidden_size}], got {shape}")
+        check_trainable(prompts, self.dtype, "deep_prompts")
+        return prompts
 
     async def _serve_steps(self, session: InferenceSessionState, requests, context):
         while (request := await self._next_request(requests, context)) is not None:

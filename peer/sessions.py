@@ -25,10 +25,12 @@ class InferenceSessionState:
         lora: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None,
         lora_scaling: float = 1.0,
         adapter: HostedAdapter | None = None,
+        deep_prompts: torch.Tensor | None = None,
     ):
         self.session_id = session_id
         self.lora, self.lora_scaling = lora or {}, lora_scaling
         self.adapter = adapter
+        self.deep_prompts = deep_prompts  # [blocks, prefix, hidden], added at cache positions < prefix
         self.span_start = span_start
         self.blocks = slice(start - span_start, end - span_start)
         self.batch_size, self.max_length = batch_size, max_length
@@ -37,6 +39,13 @@ class InferenceSessionState:
         self.last_step: asyncio.Future | None = None  # the step in the compute runtime's hands, if any
         self.page_table = torch.tensor(pages, dtype=torch.int64).view(batch_size, -1)  # a row's pages, in order
         self.mask = torch.zeros(batch_size, max_length, dtype=torch.bool)
+
+    def deep_prompts_from(self, position: int, num_tokens: int) -> torch.Tensor | None:
+        """The deep prompts of the `num_tokens` positions from `position` that have one, for every row."""
+        if self.deep_prompts is None or position >= self.deep_prompts.shape[1]:
+            return None
+        prompts = self.deep_prompts[:, position : position + num_tokens]
+        return prompts.unsqueeze(1).expand(-1, self.batch_size, -1, -1)
 
     def prepare(self, kv: PagedKV, beam_reorder: torch.Tensor | None, start_position: int | None) -> None:
         """Rolls back and/or reorders the rows before a step's new tokens are run."""
@@ -60,6 +69,13 @@ class StepWork:
     start_position: int | None = None
     done_tokens: int = 0
     outputs: list[torch.Tensor] = field(default_factory=list)
+
+    @property
+    def first_position(self) -> int:
+        """Where this work's next tokens go in the cache (a rollback not yet applied counts)."""
+        if self.done_tokens == 0 and self.start_position is not None:
+            return self.start_position
+        return self.session.position
 
     @property
     def remaining_tokens(self) -> int:

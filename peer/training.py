@@ -45,7 +45,7 @@ def decode_job(
             raise InvalidRequest(f"deep_prompts must be [{blocks}, {batch}, prefix, {hidden_size}], got {list(prompts.shape)}")
         if not 0 < prompts.shape[2] <= length:
             raise InvalidRequest(f"deep_prompts cover {prompts.shape[2]} positions of a {length}-token sequence")
-        _check_trainable(prompts, dtype, "deep_prompts")
+        check_trainable(prompts, dtype, "deep_prompts")
         job.deep_prompts = prompts
     job.adapter = find_adapter(adapters, request.adapter)
     job.lora = decode_lora(request.lora, span, request.start_block, request.end_block, dtype)
@@ -94,12 +94,12 @@ def _checked_lora(span: BlockSpan, start: int, end: int, target: str, pair: dict
             f"LoRA {target!r}: lora_A must be [rank, {module.in_features}] and lora_B [{module.out_features}, rank], "
             f"got {list(lora_a.shape)} and {list(lora_b.shape)}"
         )
-    _check_trainable(lora_a, dtype, f"{target}.lora_A")
-    _check_trainable(lora_b, dtype, f"{target}.lora_B")
+    check_trainable(lora_a, dtype, f"{target}.lora_A")
+    check_trainable(lora_b, dtype, f"{target}.lora_B")
     return lora_a, lora_b
 
 
-def _check_trainable(tensor: torch.Tensor, dtype: torch.dtype, what: str) -> None:
+def check_trainable(tensor: torch.Tensor, dtype: torch.dtype, what: str) -> None:
     if tensor.dtype != dtype:
         raise InvalidRequest(f"{what} must be {dtype} (this peer's dtype), got {tensor.dtype}")
     if not torch.isfinite(tensor).all():

@@ -38,12 +38,13 @@ def stub(peer):
 class RawSession:
     """An inference stream driven message by message."""
 
-    def __init__(self, stub, session_id: str, batch_size: int = 1, max_length: int = 16, blocks=(0, 4), alloc_timeout=5.0):
+    def __init__(self, stub, session_id: str, batch_size: int = 1, max_length: int = 16, blocks=(0, 4), alloc_timeout=5.0,
+                 **open_fields):
         self.session_id = session_id
         self.requests: queue.SimpleQueue = queue.SimpleQueue()
         self.requests.put(pb.InferenceRequest(open=pb.OpenSession(
             session_id=session_id, start_block=blocks[0], end_block=blocks[1], batch_size=batch_size,
-            max_length=max_length, alloc_timeout=alloc_timeout,
+            max_length=max_length, alloc_timeout=alloc_timeout, **open_fields,
         )))
         self.responses = stub.Inference(iter(self.requests.get, None))
         assert next(self.responses).WhichOneof("kind") == "opened"
@@ -114,6 +115,14 @@ def test_session_open_errors(stub):
     with pytest.raises(grpc.RpcError) as error:
         RawSession(stub, "huge", max_length=CACHE_TOKENS + 1)
     assert error.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "whole pool" in error.value.details()
+    for prompts, complaint in (
+        (torch.zeros(3, 2, HIDDEN), r"deep_prompts must be \[4, prefix <= 16, 64\]"),  # blocks
+        (torch.zeros(4, 20, HIDDEN), r"deep_prompts must be"),  # longer than the session
+        (torch.full((4, 2, HIDDEN), float("nan")), "NaN"),
+    ):
+        with pytest.raises(grpc.RpcError, match=complaint) as error:
+            RawSession(stub, "prompts", deep_prompts=tensors.encode(prompts))
+        assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
 
     requests = iter([pb.InferenceRequest(step=pb.InferenceStep(session_id="x"))])
     with pytest.raises(grpc.RpcError) as error:

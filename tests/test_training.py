@@ -1,5 +1,6 @@
 """Gradients through the swarm equal local autograd: inputs, soft prompts, deep prompts, client-owned LoRA."""
 
+import contextlib
 import copy
 
 import grpc
@@ -67,24 +68,33 @@ def test_input_gradients_with_sub_batches(tiny_llama, bootstrap, allowed, refere
         model.close()
 
 
+@contextlib.contextmanager
+def deep_prompts_added(reference, deep_prompts):
+    """Local deep prompt tuning: before every block, the block's prompts are added to the first PREFIX positions
+    of a pass that starts at position 0 (a training pass or generation's prefill, not its later steps)."""
+    handles = []
+    for index, layer in enumerate(reference.model.layers if deep_prompts is not None else []):
+        def add_prompt(_module, args, kwargs, index=index):
+            hidden = args[0]
+            if hidden.shape[1] < PREFIX:
+                return None
+            hidden = torch.cat([hidden[:, :PREFIX] + deep_prompts[index], hidden[:, PREFIX:]], dim=1)
+            return (hidden, *args[1:]), kwargs
+        handles.append(layer.register_forward_pre_hook(add_prompt, with_kwargs=True))
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
 def local_prompt_loss(reference, ids, labels, prompts, deep_prompts=None):
     embeds = reference.model.embed_tokens(ids)
     rows = ids.shape[0]
     inputs = torch.cat([prompts.expand(rows, -1, -1), embeds], dim=1)
     labels = torch.cat([torch.full((rows, PREFIX), -100), labels], dim=1)
-    handles = []
-    if deep_prompts is not None:
-        for index, layer in enumerate(reference.model.layers):
-            def add_prompt(_module, args, kwargs, index=index):
-                hidden = args[0]
-                hidden = torch.cat([hidden[:, :PREFIX] + deep_prompts[index], hidden[:, PREFIX:]], dim=1)
-                return (hidden, *args[1:]), kwargs
-            handles.append(layer.register_forward_pre_hook(add_prompt, with_kwargs=True))
-    try:
+    with deep_prompts_added(reference, deep_prompts):
         return reference(inputs_embeds=inputs, labels=labels).loss
-    finally:
-        for handle in handles:
-            handle.remove()
 
 
 @pytest.mark.parametrize("mode", ["ptune", "deep_ptune"])
@@ -222,24 +232,31 @@ def test_sequence_classification_head_trains_like_local(tiny_llama, bootstrap, p
         model.close()
 
 
-def test_prompt_tuned_model_generates_like_local(tiny_llama, bootstrap, allowed, reference):
-    """Trained prompts go before the prompt on the peers; local: the same embeddings through `inputs_embeds`.
-    A left-padded batch, and a second generate continuing the same session."""
-    model = swarm_model(tiny_llama, bootstrap, allowed, tuning_mode="ptune", num_prefix_tokens=PREFIX)
+@pytest.mark.parametrize("mode", ["ptune", "deep_ptune"])
+def test_prompt_tuned_model_generates_like_local(tiny_llama, bootstrap, allowed, reference, mode):
+    """Trained prompts go before the prompt on the peers (deep ones travel when the session opens); local: the
+    same embeddings through `inputs_embeds`. A left-padded batch, and a second generate continuing the session."""
+    model = swarm_model(tiny_llama, bootstrap, allowed, tuning_mode=mode, num_prefix_tokens=PREFIX)
     try:
         with torch.no_grad():
             model.prompt_tuning.prompts.normal_(0, 1.0)
+            if mode == "deep_ptune":
+                model.prompt_tuning.deep_prompts.normal_(0, 1.0)
         prompts = model.prompt_tuning.prompts.detach().expand(2, -1, -1)
+        deep_prompts = None if mode == "ptune" else model.prompt_tuning.deep_prompts.detach()
 
-        def local_generate(ids, mask, new_tokens):
+        def local_generate(ids, mask, new_tokens, deep_prompts=deep_prompts):
             embeds = torch.cat([prompts, reference.model.embed_tokens(ids)], dim=1)
             full_mask = torch.cat([torch.ones(2, PREFIX, dtype=torch.long), mask], dim=1)
-            return reference.generate(inputs_embeds=embeds, attention_mask=full_mask, max_new_tokens=new_tokens, do_sample=False)
+            with deep_prompts_added(reference, deep_prompts):
+                return reference.generate(inputs_embeds=embeds, attention_mask=full_mask, max_new_tokens=new_tokens, do_sample=False)
 
         ids = torch.tensor([[0, 0, 1, 84, 104], [1, 101, 32, 99, 97]])
         mask = (ids != 0).long()
         expected = local_generate(ids, mask, 10)
         assert not torch.equal(expected, reference.generate(ids, attention_mask=mask, max_new_tokens=10, do_sample=False)[:, 5:])
+        if mode == "deep_ptune":  # the deep prompts matter
+            assert not torch.equal(expected, local_generate(ids, mask, 10, deep_prompts=None))
         with model.inference_session(max_length=40):
             output = model.generate(ids, attention_mask=mask, max_new_tokens=10, do_sample=False)
             assert torch.equal(output[:, 5:], expected)
