@@ -15,7 +15,7 @@ from swarm.errors import MissingBlocksError
 from swarm.identity import swarm_dht
 from swarm.wire import swarm_peer_pb2 as pb
 from swarm.wire import swarm_peer_pb2_grpc as pb_grpc
-from tests.test_training import close_relative, run_local_blocks
+from tests.test_training import assert_blocks_match_local
 
 pytestmark = pytest.mark.slow
 
@@ -86,14 +86,7 @@ def test_gradients_through_a_hosted_adapter_equal_local_peft(tiny_llama, bootstr
     model = client(tiny_llama, bootstrap, swarm, "style")
     try:
         hidden = torch.randn(3, 10, 64, generator=torch.Generator().manual_seed(1))
-        swarm_input, local_input = hidden.clone().requires_grad_(), hidden.clone().requires_grad_()
-        swarm_output = model.remote(swarm_input)
-        local_output = run_local_blocks(local_peft.base_model.model, local_input)
-        assert torch.allclose(swarm_output, local_output, atol=1e-4, rtol=0)
-        weights = torch.randn_like(local_output)
-        (swarm_output * weights).sum().backward()
-        (local_output * weights).sum().backward()
-        assert close_relative(swarm_input.grad, local_input.grad)
+        assert_blocks_match_local(model, local_peft.base_model.model, hidden)
     finally:
         model.close()
 

@@ -50,20 +50,25 @@ def run_local_blocks(reference, hidden):
     return hidden
 
 
+def assert_blocks_match_local(model, local_model, hidden: torch.Tensor) -> None:
+    """The swarm's blocks give `local_model`'s blocks' outputs (1e-4) and input gradients (1e-4 relative)."""
+    swarm_input, local_input = hidden.clone().requires_grad_(), hidden.clone().requires_grad_()
+    swarm_output = model.remote(swarm_input)
+    local_output = run_local_blocks(local_model, local_input)
+    assert torch.allclose(swarm_output, local_output, atol=1e-4, rtol=0)
+    weights = torch.randn_like(local_output)
+    (swarm_output * weights).sum().backward()
+    (local_output * weights).sum().backward()
+    assert close_relative(swarm_input.grad, local_input.grad)
+
+
 def test_input_gradients_with_sub_batches(tiny_llama, bootstrap, allowed, reference):
     # A message limit this small makes every request carry one row: 5 sub-batches per hop.
     model = swarm_model(tiny_llama, bootstrap, allowed, max_message_bytes=16 * 1024)
     try:
         assert model.remote._sub_batch_size(torch.zeros(5, 12, 64)) == 1
         hidden = torch.randn(5, 12, 64, generator=torch.Generator().manual_seed(0))
-        swarm_input, local_input = hidden.clone().requires_grad_(), hidden.clone().requires_grad_()
-        swarm_output = model.remote(swarm_input)
-        local_output = run_local_blocks(reference, local_input)
-        assert torch.allclose(swarm_output, local_output, atol=1e-4, rtol=0)
-        weights = torch.randn_like(local_output)
-        (swarm_output * weights).sum().backward()
-        (local_output * weights).sum().backward()
-        assert close_relative(swarm_input.grad, local_input.grad)
+        assert_blocks_match_local(model, reference, hidden)
     finally:
         model.close()
 
@@ -275,14 +280,7 @@ def test_a_sequence_above_the_message_limit_goes_in_chunks(tiny_llama, bootstrap
     model = swarm_model(tiny_llama, bootstrap, (peer.peer_id,), max_message_bytes=2**20)
     try:
         hidden = torch.randn(1, 2500, 64, generator=torch.Generator().manual_seed(3))
-        swarm_input, local_input = hidden.clone().requires_grad_(), hidden.clone().requires_grad_()
-        swarm_output = model.remote(swarm_input)
-        local_output = run_local_blocks(reference, local_input)
-        assert torch.allclose(swarm_output, local_output, atol=1e-4, rtol=0)
-        weights = torch.randn_like(local_output)
-        (swarm_output * weights).sum().backward()
-        (local_output * weights).sum().backward()
-        assert close_relative(swarm_input.grad, local_input.grad)
+        assert_blocks_match_local(model, reference, hidden)
 
         stub = model.remote.connections.stub(peer.address)
         with pytest.raises(grpc.RpcError, match="do not form a ForwardRequest") as error:
