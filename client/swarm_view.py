@@ -11,10 +11,10 @@ import hivemind
 
 from client.config import ClientConfig
 from client.transport import PeerConnections
-from swarm.identity import swarm_dht
 from swarm.constants import PROTOCOL_VERSION
 from swarm.dht_records import PeerSpan, fetch_peer_spans
 from swarm.errors import MissingBlocksError, RemoteError
+from swarm.identity import swarm_dht
 from swarm.routing import Hop, lowest_cost_chain, spread_chain, with_cache_room
 from swarm.wire import swarm_peer_pb2 as pb
 

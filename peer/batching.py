@@ -6,8 +6,8 @@ Each session keeps its own position, mask and pages; the pass gathers them into 
 
 import torch
 
-from peer.kv_pages import PagedKV, PagedPassCache
 from peer.adapters import adapter_lora
+from peer.kv_pages import PagedKV, PagedPassCache
 from peer.lora import loras_applied
 from peer.sessions import StepWork
 from swarm.blocks import BlockSpan

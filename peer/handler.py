@@ -17,8 +17,8 @@ from peer.training import (
 )
 from peer.validation import InvalidRequest, check_block_range, decode_span_inputs, decode_tensor
 from swarm import tensors
-from swarm.chunks import MAX_CHUNKED_MESSAGES, ChunkAssembler, ChunkedMessageError, to_chunks
 from swarm.blocks import BlockSpan
+from swarm.chunks import MAX_CHUNKED_MESSAGES, ChunkAssembler, ChunkedMessageError, to_chunks
 from swarm.constants import PROTOCOL_VERSION
 from swarm.wire import swarm_peer_pb2 as pb
 from swarm.wire import swarm_peer_pb2_grpc as pb_grpc

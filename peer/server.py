@@ -13,12 +13,7 @@ from hivemind.utils import get_dht_time
 
 from peer.adapters import AdapterError, HostedAdapter, load_adapter, parse_adapter_option
 from peer.announcer import Announcer
-from peer.block_selection import (
-    DEFAULT_MARGIN,
-    better_start,
-    choose_start,
-    planned_spans,
-)
+from peer.block_selection import DEFAULT_MARGIN, better_start, choose_start, planned_spans
 from peer.handler import SwarmPeerServicer
 from peer.kv_pages import PAGE_SIZE, PagedKV
 from peer.memory_pool import CachePool
@@ -29,8 +24,8 @@ from swarm.blocks import BlockSpan
 from swarm.checkpoint import Checkpoint
 from swarm.constants import DEFAULT_BANDWIDTH_MBPS, PROTOCOL_VERSION
 from swarm.coverage import block_throughputs
-from swarm.families import family_for
 from swarm.dht_records import PeerSpan, ServerRecord, ServerState, fetch_peer_spans
+from swarm.families import family_for
 from swarm.identity import identity_of, load_or_create_key, own_subkey, swarm_dht
 from swarm.tensors import DTYPE_NAMES
 from swarm.wire import swarm_peer_pb2_grpc as pb_grpc

@@ -6,7 +6,6 @@ from dataclasses import dataclass, field
 import torch
 
 from peer.adapters import HostedAdapter
-
 from peer.kv_pages import PagedKV
 
 

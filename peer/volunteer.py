@@ -71,7 +71,7 @@ def join(model, models_dir, max_memory, num_blocks, device, **options) -> None:
         entry = choose_model(dht, fetch_models(dht), model)
         search_dir = Path(models_dir) if models_dir else default_models_dir()
         checkpoint = Checkpoint(model) if entry is None else find_checkpoint(entry, model, search_dir)
-    except ModelNotFoundError as error:
+    except (ModelNotFoundError, FileNotFoundError) as error:  # nothing to serve: say why, no traceback
         sys.exit(f"volunteer: {error}")
     finally:
         dht.shutdown()

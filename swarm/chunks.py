@@ -6,7 +6,6 @@ from google.protobuf.message import DecodeError, Message
 
 from swarm.wire import swarm_peer_pb2 as pb
 
-
 MAX_CHUNKED_MESSAGES = 16  # a chunked message may be this many times the message limit (both sides refuse more)
 
 

@@ -7,11 +7,11 @@ import grpc
 import pytest
 import torch
 
+from peer.local_swarm import start_peers
 from swarm import tensors
 from swarm.checkpoint_maker import tiny_llama_config
 from swarm.wire import swarm_peer_pb2 as pb
 from swarm.wire import swarm_peer_pb2_grpc as pb_grpc
-from peer.local_swarm import start_peers
 
 HIDDEN = tiny_llama_config().hidden_size
 CACHE_TOKENS = 256
