@@ -7,6 +7,7 @@ per-layer-type rotary) are computed the way its base model computes them. A fami
 interface is a small subclass of `Family` overriding only what differs.
 """
 
+import functools
 import importlib
 import inspect
 import math
@@ -104,7 +105,7 @@ class Family:
         }
         rotary = {}
         if position_encoder is not None:
-            per_kind = "layer_type" in inspect.signature(position_encoder.forward).parameters
+            per_kind = _takes_layer_type(type(position_encoder))
             for kind in set(kinds):
                 extra = (kind,) if per_kind else ()
                 rotary[kind] = position_encoder(hidden_states, position_ids, *extra)
@@ -209,3 +210,9 @@ def family_for(config: PretrainedConfig) -> Family:
             f"{', '.join(TESTED_FAMILIES)} (other causal LMs that follow the standard decoder-layer interface work too)"
         )
     return ADAPTED_FAMILIES.get(model_type, Family)(model_type)
+
+
+@functools.cache
+def _takes_layer_type(encoder_class: type) -> bool:
+    """Whether a rotary embedding computes per layer type (Gemma 3); asked once per class, not per pass."""
+    return "layer_type" in inspect.signature(encoder_class.forward).parameters
