@@ -9,6 +9,7 @@ import torch
 
 from client.transport import WATCHDOG
 from swarm import tensors
+from client.swarm_view import RETRYABLE
 from swarm.errors import RemoteError, SwarmError
 from swarm.routing import Hop
 from swarm.tensors import DTYPES
@@ -18,8 +19,6 @@ logger = logging.getLogger(__name__)
 
 _CLOSE = None  # ends a stream's request iterator
 
-# Answers that mean the peer (not the request) failed: the hop is replaced and its history replayed.
-PEER_FAILURES = {"UNAVAILABLE", "CANCELLED", "CLOSED", "DEADLINE_EXCEEDED", "INTERNAL", "UNKNOWN", "PROTOCOL", "RESOURCE_EXHAUSTED"}
 
 
 class HopSession:
@@ -129,10 +128,10 @@ class InferenceSession:
                         config.active_adapter, self._hop_deep_prompts(hop),
                     ))
                 except RemoteError as error:
-                    if error.code not in PEER_FAILURES or failures == config.max_retries:
+                    if error.code not in RETRYABLE or failures == config.max_retries:
                         raise
+                    self.remote.view.handle_failure(error, failures)
                     failures += 1
-                    self.remote.view.ban(error.peer, error)
                     continue
                 position = hop.end
         except BaseException:
@@ -158,9 +157,9 @@ class InferenceSession:
                 self._history[index].append((hidden_states, step_fields))
                 return output
             except RemoteError as error:
-                if error.code not in PEER_FAILURES or attempt == self.remote.config.max_retries:
+                if error.code not in RETRYABLE or attempt == self.remote.config.max_retries:
                     raise
-                self.remote.view.ban(error.peer, error)
+                self.remote.view.handle_failure(error, attempt)
                 if not needs_replacement:
                     self._hops[index].close()
                     needs_replacement = True

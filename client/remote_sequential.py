@@ -7,8 +7,8 @@ import torch
 from torch import nn
 
 from client.config import ClientConfig
-from client.inference_session import PEER_FAILURES, InferenceSession, add_lora
-from client.swarm_view import SwarmView
+from client.inference_session import InferenceSession, add_lora
+from client.swarm_view import RETRYABLE, SwarmView
 from client.transport import PeerConnections
 from swarm import tensors
 from swarm.chunks import MAX_CHUNKED_MESSAGES, ChunkAssembler, ChunkedMessageError, to_chunks
@@ -90,9 +90,9 @@ class RemoteSequential(nn.Module):
                 failure = RemoteError(hop.peer.peer_id, error.code().name, error.details() or "")
             except ChunkedMessageError as error:
                 failure = RemoteError(hop.peer.peer_id, "PROTOCOL", str(error))
-            if failure.code not in PEER_FAILURES or attempt == self.config.max_retries:
+            if failure.code not in RETRYABLE or attempt == self.config.max_retries:
                 raise failure
-            self.view.ban(hop.peer.peer_id, failure)
+            self.view.handle_failure(failure, attempt)
             replacement = self.view.chain(hop.start, hop.end)
             if len(replacement) != 1:
                 raise SwarmError(

@@ -11,7 +11,7 @@ import hivemind
 
 from client.config import ClientConfig
 from client.transport import PeerConnections
-from swarm.constants import PROTOCOL_VERSION
+from swarm.constants import PROTOCOL_VERSION, SPAN_MOVED_STATUS
 from swarm.dht_records import PeerSpan, fetch_peer_spans
 from swarm.errors import MissingBlocksError, RemoteError
 from swarm.identity import swarm_dht
@@ -20,6 +20,15 @@ from swarm.wire import swarm_peer_pb2 as pb
 
 logger = logging.getLogger(__name__)
 
+
+# Answers that mean the peer is fine but no longer serves the blocks its record we routed by said (it moved).
+STALE_ROUTE = {SPAN_MOVED_STATUS, "OUT_OF_RANGE"}
+# Answers that mean the peer (not the request) failed.
+PEER_FAILURES = {
+    "UNAVAILABLE", "CANCELLED", "CLOSED", "DEADLINE_EXCEEDED", "INTERNAL", "UNKNOWN", "PROTOCOL", "RESOURCE_EXHAUSTED",
+}
+# Either way, the call goes to another peer (inference: with the hop's history replayed).
+RETRYABLE = PEER_FAILURES | STALE_ROUTE
 
 # Routing costs, in seconds: a fixed price per hop (so fewer hops win ties), how long a measured round trip is
 # trusted, and what an unreachable peer costs.
@@ -55,6 +64,15 @@ class SwarmView:
         duration = min(self.config.ban_seconds * 2**failures, self.config.max_ban_seconds)
         self._bans[peer_id] = (time.monotonic() + duration, failures + 1, self._started_at(peer_id))
         logger.warning(f"peer {peer_id} failed ({reason.code}: {reason.message}); avoiding it for {duration:.0f}s")
+
+    def handle_failure(self, error: RemoteError, attempt: int) -> None:
+        """After a call failed with a RETRYABLE code: ban a failed peer; if it only moved, read the swarm again
+        (after a short pause that grows with the attempts: its new record may still be on its way)."""
+        if error.code in STALE_ROUTE:
+            time.sleep(min(0.1 * 2**attempt, 1.0))
+            self.peer_spans(refresh=True)
+        else:
+            self.ban(error.peer, error)
 
     def is_banned(self, peer_id: str) -> bool:
         until, _, started_at = self._bans.get(peer_id, (0.0, 0, 0.0))

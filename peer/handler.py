@@ -19,7 +19,7 @@ from peer.validation import InvalidRequest, check_block_range, decode_span_input
 from swarm import tensors
 from swarm.blocks import BlockSpan
 from swarm.chunks import MAX_CHUNKED_MESSAGES, ChunkAssembler, ChunkedMessageError, to_chunks
-from swarm.constants import PROTOCOL_VERSION
+from swarm.constants import PROTOCOL_VERSION, SPAN_MOVED_STATUS
 from swarm.wire import swarm_peer_pb2 as pb
 from swarm.wire import swarm_peer_pb2_grpc as pb_grpc
 
@@ -187,8 +187,8 @@ class SwarmPeerServicer(pb_grpc.SwarmPeerServicer):
                 continue
             if session.span_start != self.span.start:
                 await context.abort(
-                    grpc.StatusCode.UNAVAILABLE, f"this peer moved to blocks {self.span.start}:{self.span.end}; "
-                    "the session must continue on another peer",
+                    getattr(grpc.StatusCode, SPAN_MOVED_STATUS), f"this peer moved to blocks "
+                    f"{self.span.start}:{self.span.end}; the session must continue on another peer",
                 )
             session.last_step = self.runtime.submit_step(work)
             try:

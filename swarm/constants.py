@@ -10,6 +10,10 @@ MODEL_INDEX_KEY = "_swarm.models"
 
 DEFAULT_ANNOUNCE_PERIOD = 30.0
 
+# gRPC status a peer ends a session with when it moved to other blocks (load balancing): the client continues the
+# session elsewhere without holding it against the peer, which is healthy and now serves other blocks.
+SPAN_MOVED_STATUS = "ABORTED"
+
 # Network bandwidth a peer announces when its operator does not say (Mbit/s); it is not measured, since a peer
 # cannot know which of its links the swarm will use.
 DEFAULT_BANDWIDTH_MBPS = 100.0

@@ -9,7 +9,7 @@ import torch
 from transformers import LlamaForCausalLM
 
 from client import AutoDistributedModelForCausalLM
-from peer.local_swarm import spawn_cli
+from peer.local_swarm import spawn_cli, start_peers
 from peer.resources import block_bytes, cache_bytes_per_token
 from swarm.checkpoint import Checkpoint
 from swarm.checkpoint_maker import save_random_checkpoint, tiny_llama_config
@@ -118,3 +118,36 @@ def test_volunteers_cover_the_weakest_blocks_and_close_a_gap_when_one_leaves(eig
         for process in volunteers.values():
             process.stop()
         dht.shutdown()
+
+
+def test_a_session_survives_its_peer_moving(eight_blocks, bootstrap, tmp_path):
+    """A session routed through a peer that then moves to other blocks: its next steps are replayed elsewhere and
+    the tokens are those of local transformers."""
+    pinned = start_peers(eight_blocks, bootstrap, ["0:4", "4:8"], "--announce-period", "2")
+    mover = spawn_cli(
+        "serve", eight_blocks, "--initial-peers", bootstrap, "--num-blocks", "4", "--num-threads", "1",
+        "--announce-period", "2", "--balance-period", "2", "--public-name", "mover",
+    )
+    model = None
+    try:
+        assert mover.wait_for_line(r"online: blocks (\d+):\d+").group(1) == "0"  # equal halves: the first
+        reference = LlamaForCausalLM.from_pretrained(eight_blocks).eval()
+        model = AutoDistributedModelForCausalLM.from_pretrained(eight_blocks, initial_peers=[bootstrap])
+        view = model.remote.view
+        for span in view.peer_spans(refresh=True):  # route blocks 0:4 through the mover
+            view._rtts[span.peer_id] = (5.0 if span.peer_id == pinned[0].peer_id else 0.0, time.monotonic())
+        inputs = torch.tensor([[1, 40, 41, 42, 43]])
+        expected = reference.generate(inputs, max_new_tokens=16, do_sample=False)
+        with model.inference_session(max_length=32) as session:
+            first = model.generate(inputs, max_new_tokens=8, do_sample=False)
+            assert session.route[0].peer.record.public_name == "mover"
+            pinned[1].process.stop()  # blocks 4:8 lose their server; the mover takes them
+            mover.wait_for_line(r"moved: blocks 4:8", timeout=SETTLE_TIMEOUT)
+            output = model.generate(first, max_new_tokens=8, do_sample=False)
+        assert torch.equal(output, expected)
+    finally:
+        if model is not None:
+            model.close()
+        mover.stop()
+        for peer in pinned:
+            peer.process.stop()
