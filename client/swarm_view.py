@@ -21,7 +21,8 @@ from swarm.wire import swarm_peer_pb2 as pb
 logger = logging.getLogger(__name__)
 
 
-# Answers that mean the peer is fine but no longer serves the blocks its record we routed by said (it moved).
+# Answers that mean the peer is fine but does not serve the blocks that its record, which we routed by, said:
+# it moved (load balancing) since we read it.
 STALE_ROUTE = {SPAN_MOVED_STATUS, "OUT_OF_RANGE"}
 # Answers that mean the peer (not the request) failed.
 PEER_FAILURES = {
