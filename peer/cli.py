@@ -107,7 +107,7 @@ def _wait_for_signal() -> None:
     stop.wait()
 
 
-def _swarm_reader(initial_peers):
+def swarm_reader(initial_peers):
     """A client-mode DHT node for looking at the swarm (it stores nothing)."""
     from swarm.identity import swarm_dht
 
@@ -128,7 +128,7 @@ def status(initial_peers, as_json: bool) -> None:
     from peer.status import print_status
     from swarm.swarm_state import take_snapshot
 
-    dht = _swarm_reader(initial_peers)
+    dht = swarm_reader(initial_peers)
     try:
         snapshot = take_snapshot(dht)
     finally:
@@ -151,7 +151,7 @@ def monitor(initial_peers, host: str, port: int, refresh: float) -> None:
     """Serve a live web dashboard of the swarm: health, coverage chart per model, peers."""
     from peer.monitor import Dashboard
 
-    dht = _swarm_reader(initial_peers)
+    dht = swarm_reader(initial_peers)
     dashboard = Dashboard(dht, host, port, refresh)
     dashboard.start()
     print(f"dashboard at {dashboard.url}", flush=True)

@@ -11,7 +11,7 @@ import sys
 
 import click
 
-from peer.cli import peer_options, run_peer
+from peer.cli import peer_options, run_peer, swarm_reader
 
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(i?)b?\s*$", re.IGNORECASE)
 
@@ -61,12 +61,9 @@ def join(model, models_dir, max_memory, num_blocks, device, **options) -> None:
     )
     from swarm.checkpoint import Checkpoint
     from swarm.dht_records import fetch_models
-    from swarm.identity import swarm_dht
     from swarm.tensors import DTYPE_NAMES
 
-    if not options["initial_peers"]:
-        raise click.UsageError("give --initial-peers: the multiaddr of any DHT node of the swarm")
-    dht, _ = swarm_dht(initial_peers=list(options["initial_peers"]), client_mode=True, start=True)
+    dht = swarm_reader(options["initial_peers"])
     try:
         entry = choose_model(dht, fetch_models(dht), model)
         search_dir = Path(models_dir) if models_dir else default_models_dir()
