@@ -17,6 +17,7 @@ from client.config import ClientConfig
 from client.inference_session import InferenceSession
 from client.remote_sequential import RemoteSequential
 from client.tuning import PromptTuning, RemoteLoRA
+from swarm import huge_pages
 from swarm.blocks import serving_config
 from swarm.checkpoint import Checkpoint
 from swarm.errors import SwarmError
@@ -232,6 +233,7 @@ class AutoDistributedModelForCausalLM:
         model.config = config  # the real number of blocks, for generate and for users
         model._attach_remote(family, RemoteSequential(checkpoint.model_prefix(), config.num_hidden_layers, client_config))
         model = model.to(dtype).eval().requires_grad_(False)
+        huge_pages.move_parameters(model)
         model._attach_tuning(tuning_mode, num_prefix_tokens, lora_config)
         return model
 

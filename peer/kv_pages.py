@@ -11,6 +11,8 @@ slot of the row (always finite) and are masked out.
 import torch
 from transformers.cache_utils import Cache, DynamicLayer
 
+from swarm import huge_pages
+
 PAGE_SIZE = 16  # tokens per page: small enough that a session wastes little of its last page
 
 class PagedKV:
@@ -48,7 +50,10 @@ class PagedKV:
 
     def _allocate(self, like: torch.Tensor) -> torch.Tensor:
         # Untouched pages cost no resident memory on the CPU until a session writes them.
-        return like.new_empty(self.num_pages * self.page_size, like.shape[1], like.shape[3])
+        shape = (self.num_pages * self.page_size, like.shape[1], like.shape[3])
+        if like.device.type == "cpu":
+            return huge_pages.empty(shape, like.dtype)
+        return like.new_empty(shape)
 
 
 class _PassLayer(DynamicLayer):

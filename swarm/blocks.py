@@ -5,6 +5,7 @@ from torch import nn
 from transformers import PretrainedConfig
 from transformers.cache_utils import Cache
 
+from swarm import huge_pages
 from swarm.checkpoint import Checkpoint
 from swarm.families import Family, family_for
 from swarm.model_loading import load_parts, meta_model, meta_tensors
@@ -39,6 +40,7 @@ class BlockSpan(nn.Module):
         if missing:
             raise ValueError(f"checkpoint {checkpoint.path} lacks tensors of blocks {start}:{end}: {missing[:5]}")
         span = cls(config, start, layers, family).to(device)
+        huge_pages.move_parameters(span)
         return span.eval().requires_grad_(False)
 
     def forward(

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from peer.memory_pool import CacheExhaustedError, CachePool
-from swarm import tensors
+from swarm import huge_pages, tensors
 from swarm.dht_records import PeerSpan, ServerRecord, ServerState
 from swarm.errors import MissingBlocksError
 from swarm.routing import fewest_hops_chain, lowest_cost_chain, spread_chain, with_cache_room
@@ -109,3 +109,22 @@ def test_routing_prefers_peers_with_cache_room():
     assert [s.peer_id for s in with_cache_room(spans, 0, 4, 1024)] == ["roomy-a", "roomy-b"]
     assert [s.peer_id for s in with_cache_room(spans[:2], 0, 4, 1024)] == ["full", "roomy-a"]  # none else for 2:4
     assert len(with_cache_room(spans, 0, 4, 0)) == 3
+
+
+def test_parameters_moved_to_huge_pages_keep_values_and_ties():
+    embeddings = torch.nn.Embedding(100, 48)
+    model = torch.nn.ModuleDict({"embed": embeddings, "head": torch.nn.Linear(48, 100, bias=False)})
+    model["head"].weight = embeddings.weight  # tied, as in small LMs
+    extra = torch.nn.Linear(48, 7)
+    model["extra"] = extra
+    before = {name: tensor.clone() for name, tensor in model.state_dict().items()}
+    huge_pages.move_parameters(model)
+    assert all(torch.equal(tensor, before[name]) for name, tensor in model.state_dict().items())
+    assert model["head"].weight is embeddings.weight
+    if huge_pages.supported():
+        assert embeddings.weight.data_ptr() % huge_pages.HUGE_PAGE == 0
+        assert extra.weight.data_ptr() % 64 == 0 and extra.bias.data_ptr() % 64 == 0
+    cache = huge_pages.empty((3, 5, 8), torch.bfloat16)
+    assert cache.shape == (3, 5, 8) and cache.dtype == torch.bfloat16
+    cache.fill_(1.5)
+    assert float(cache.float().sum()) == 1.5 * 3 * 5 * 8
