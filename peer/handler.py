@@ -190,7 +190,7 @@ class SwarmPeerServicer(pb_grpc.SwarmPeerServicer):
                     getattr(grpc.StatusCode, SPAN_MOVED_STATUS), f"this peer moved to blocks "
                     f"{self.span.start}:{self.span.end}; the session must continue on another peer",
                 )
-            session.last_step = self.runtime.submit_step(work)
+            session.last_step = self.runtime.submit_step(work, only_session=len(self.open_sessions) == 1)
             try:
                 output = await asyncio.shield(session.last_step)
             except Exception as error:  # the cache may be half-written: end the session rather than serve wrong tokens
