@@ -1,12 +1,14 @@
 """Aggregate decode rate of many sessions on one peer that serves every block, against one local batch.
 
 The local counterpart decodes the sequences greedily as one batch with transformers' KV cache. Each swarm session
-is a client of its own (a thread here) that feeds the same tokens one at a time through the peer. On a real swarm
-every client applies the final norm and the head on its own machine; here all clients share the peer's two cores,
-so they feed local's tokens and apply the head after the clock stops, which checks that every session would have
-picked exactly local's tokens.
+is a client of its own: the sessions are spread over CLIENT_PROCESSES client processes (threads inside each), as
+users of a swarm do not share one Python interpreter; all of them share this machine's cores with the peer. On a
+real swarm every client applies the final norm and the head on its own machine; here the clients feed local's tokens
+and apply the head after the clock stops, which checks that every session would have picked exactly local's tokens.
 """
 
+import multiprocessing
+import queue
 import statistics
 import threading
 import time
@@ -15,7 +17,9 @@ import torch
 from transformers import DynamicCache
 
 from bench.results import Result
-from client import AutoDistributedModelForCausalLM
+
+CLIENT_PROCESSES = 4
+_TIMEOUT = 600.0  # seconds: a worker that takes longer has hung
 
 
 def local_batch_decode(local, prompts: torch.Tensor, new_tokens: int) -> tuple[float, torch.Tensor]:
@@ -29,41 +33,98 @@ def local_batch_decode(local, prompts: torch.Tensor, new_tokens: int) -> tuple[f
         return time.perf_counter() - started, torch.cat(tokens, dim=1)
 
 
-def swarm_concurrent_decode(model, prompts: torch.Tensor, tokens: torch.Tensor) -> tuple[float, bool]:
-    """Seconds until every session (one per row of `prompts`, each in its own thread) has fed its row of `tokens`
-    but the last, and whether every session's outputs pick exactly those tokens."""
+def swarm_concurrent_decode(model, prompts: torch.Tensor, tokens: torch.Tensor, start) -> tuple[float, bool]:
+    """Opens one session per row of `prompts` and prefills it, waits on `start` (a barrier of every client), then
+    feeds each session its row of `tokens` but the last from a thread of its own. Returns when (time.monotonic)
+    the last session finished, and whether every session's outputs pick exactly those tokens."""
     new_tokens = tokens.shape[1] - 1
     sessions = [model.remote.inference_session(max_length=prompts.shape[1] + new_tokens) for _ in prompts]
     embed, family = model.get_input_embeddings(), model.family
     with torch.inference_mode():
         first = [session.step(embed(prompt[None]))[:, -1:] for session, prompt in zip(sessions, prompts)]
     outputs: list[list[torch.Tensor]] = [[hidden] for hidden in first]
-    start = threading.Barrier(len(sessions) + 1)
 
     def decode(index: int) -> None:
-        start.wait(timeout=60)
         with torch.inference_mode():
             for step in range(new_tokens):
                 outputs[index].append(sessions[index].step(embed(tokens[index, step : step + 1][None])))
 
     threads = [threading.Thread(target=decode, args=(index,)) for index in range(len(sessions))]
+    start.wait(timeout=_TIMEOUT)
     for thread in threads:
         thread.start()
-    start.wait(timeout=60)
-    started = time.perf_counter()
     for thread in threads:
-        thread.join(timeout=600)
-    elapsed = time.perf_counter() - started
+        thread.join(timeout=_TIMEOUT)
+    finished = time.monotonic()
     for session in sessions:
         session.close()
+    if not sessions:
+        return finished, True
     with torch.inference_mode():
         hidden = torch.cat([torch.cat(rows, dim=1) for rows in outputs])
         picked = family.logits(model, family.final_norm(model, hidden)).argmax(-1)
-    return elapsed, torch.equal(picked, tokens)
+    return finished, torch.equal(picked, tokens)
+
+
+def _client_worker(folder: str, bootstrap: str, start, commands, results) -> None:
+    """A client process: decodes the sessions it is sent, until it is sent None."""
+    from client import AutoDistributedModelForCausalLM
+
+    torch.set_num_threads(1)  # the clients' work is small; threads of their own would only contend for the cores
+    model = AutoDistributedModelForCausalLM.from_pretrained(folder, initial_peers=[bootstrap])
+    try:
+        results.put("ready")
+        while (command := commands.get()) is not None:
+            results.put(swarm_concurrent_decode(model, *command, start))
+    finally:
+        model.close()
+
+
+class ClientPool:
+    """CLIENT_PROCESSES client processes that decode the rows of a batch of sessions together."""
+
+    def __init__(self, folder: str, bootstrap: str):
+        context = multiprocessing.get_context("spawn")
+        self.start = context.Barrier(CLIENT_PROCESSES + 1)
+        self.results = context.Queue()
+        self.commands = [context.Queue() for _ in range(CLIENT_PROCESSES)]
+        self.processes = [
+            context.Process(target=_client_worker, args=(folder, bootstrap, self.start, commands, self.results))
+            for commands in self.commands
+        ]
+        for process in self.processes:
+            process.start()
+        for _ in self.processes:
+            if self._result() != "ready":
+                raise RuntimeError("a benchmark client process failed to start")
+
+    def decode(self, prompts: torch.Tensor, tokens: torch.Tensor) -> tuple[float, bool]:
+        """Seconds until every row's session has fed its tokens (rows dealt round-robin to the processes), and
+        whether every session picked exactly `tokens`."""
+        for index, commands in enumerate(self.commands):
+            commands.put((prompts[index::CLIENT_PROCESSES], tokens[index::CLIENT_PROCESSES]))
+        self.start.wait(timeout=_TIMEOUT)
+        started = time.monotonic()
+        outcomes = [self._result() for _ in self.processes]
+        return max(finished for finished, _ in outcomes) - started, all(same for _, same in outcomes)
+
+    def _result(self):
+        try:
+            return self.results.get(timeout=_TIMEOUT)
+        except queue.Empty:
+            raise RuntimeError(f"a benchmark client process gave no answer within {_TIMEOUT:.0f}s") from None
+
+    def close(self) -> None:
+        for commands in self.commands:
+            commands.put(None)
+        for process in self.processes:
+            process.join(timeout=30)
+            if process.is_alive():
+                process.kill()
 
 
 def concurrent_decode(args, folder: str, local, bootstrap: str) -> list[Result]:
-    model = AutoDistributedModelForCausalLM.from_pretrained(folder, initial_peers=[bootstrap])
+    pool = ClientPool(folder, bootstrap)
     results = []
     try:
         for count in args.sessions:
@@ -72,15 +133,15 @@ def concurrent_decode(args, folder: str, local, bootstrap: str) -> list[Result]:
             for _ in range(args.repeats):
                 seconds, tokens = local_batch_decode(local, prompts, args.concurrent_tokens)
                 local_seconds.append(seconds)
-                seconds, picked_same = swarm_concurrent_decode(model, prompts, tokens)
+                seconds, picked_same = pool.decode(prompts, tokens)
                 swarm_seconds.append(seconds)
                 same &= picked_same
             total = count * args.concurrent_tokens
             results.append(Result(
                 f"decode, {count} concurrent sessions", "tokens/s",
                 total / statistics.median(swarm_seconds), total / statistics.median(local_seconds),
-                detail=f"1 peer x all blocks vs local batch {count}; same tokens: {same}",
+                detail=f"1 peer x all blocks vs local batch {count}; {CLIENT_PROCESSES} client processes; same tokens: {same}",
             ))
     finally:
-        model.close()
+        pool.close()
     return results
