@@ -86,7 +86,8 @@ class ComputeRuntime:
             else:
                 self._steps.append((work, waiter))
                 self._awaited.discard(work.session)
-                self._wake.notify()
+                if len(self._steps) == 1 or not self._awaited:  # only then may the compute thread proceed
+                    self._wake.notify()
         if inline:
             try:
                 self._run_steps([(work, waiter)])
@@ -165,16 +166,13 @@ class ComputeRuntime:
                     run_pass(self.span, self.kv, [work for work, _ in batch], key[-1])
                     self._last_pass_seconds = time.perf_counter() - started
                 except Exception as error:  # the sessions' caches may be half-written: each handler closes its session
-                    for _, waiter in batch:
-                        _resolve(waiter, None, error)
+                    _resolve_all([(waiter, None, error) for _, waiter in batch])
                     continue
-                for work, waiter in batch:
-                    if work.remaining_tokens:
-                        unfinished.append((work, waiter))
-                        continue
-                    with self._wake:
-                        self._awaited.add(work.session)
-                    _resolve(waiter, work.output(), None)
+                finished = [(work, waiter) for work, waiter in batch if not work.remaining_tokens]
+                unfinished += [(work, waiter) for work, waiter in batch if work.remaining_tokens]
+                with self._wake:
+                    self._awaited.update(work.session for work, _ in finished)
+                _resolve_all([(waiter, work.output(), None) for work, waiter in finished])
         if unfinished:
             with self._wake:
                 self._steps.extendleft(reversed(unfinished))
@@ -219,7 +217,21 @@ def _new_waiter() -> _Waiter:
 
 
 def _resolve(waiter: _Waiter, result: Any, error: BaseException | None) -> None:
-    waiter.loop.call_soon_threadsafe(_set_result, waiter.future, result, error)
+    _resolve_all([(waiter, result, error)])
+
+
+def _resolve_all(outcomes: list[tuple[_Waiter, Any, BaseException | None]]) -> None:
+    """Resolves the waiters' futures with one wake-up of each event loop involved (a pass answers many sessions)."""
+    by_loop: dict[asyncio.AbstractEventLoop, list] = {}
+    for waiter, result, error in outcomes:
+        by_loop.setdefault(waiter.loop, []).append((waiter.future, result, error))
+    for loop, results in by_loop.items():
+        loop.call_soon_threadsafe(_set_results, results)
+
+
+def _set_results(results: list[tuple[asyncio.Future, Any, BaseException | None]]) -> None:
+    for future, result, error in results:
+        _set_result(future, result, error)
 
 
 def _set_result(future: asyncio.Future, result: Any, error: BaseException | None) -> None:
