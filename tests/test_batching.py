@@ -1,5 +1,6 @@
 """Batched passes on the peer: every session gets what it gets alone, whatever it is batched with."""
 
+import asyncio
 import threading
 
 import grpc
@@ -8,6 +9,7 @@ import torch
 from client import AutoDistributedModelForCausalLM
 from peer.batching import run_pass
 from peer.kv_pages import PagedKV
+from peer.runtime import ComputeRuntime
 from peer.sessions import InferenceSessionState, StepWork
 from swarm.blocks import BlockSpan
 from swarm.checkpoint import Checkpoint
@@ -101,6 +103,31 @@ def test_batched_pass_matches_local_transformers(tiny_llama, reference):
     for work, sequence in zip(works, sequences):
         expected = reference(sequence).logits[:, -1]
         torch.testing.assert_close(scenario.logits(work.output()[:, -1]), expected, rtol=0, atol=1e-4)
+
+
+def test_runtime_runs_a_lone_session_inline_and_batches_sessions_on_its_thread(tiny_llama, reference):
+    """The only session's step runs on the caller's thread (nothing to batch it with); steps of several sessions
+    run on the compute thread; every session gets the same output."""
+    span = BlockSpan.from_checkpoint(Checkpoint(tiny_llama), 0, 4, torch.float32)
+    ran_on_caller: list[bool] = []
+    span.register_forward_hook(lambda *_: ran_on_caller.append(threading.current_thread() is threading.main_thread()))
+    embed = reference.get_input_embeddings()
+    scenario = Scenario(reference, PagedKV(4, num_pages=32, page_size=PAGE_SIZE))
+    runtime = ComputeRuntime(span, scenario.kv)
+    prompt = torch.tensor([[5, 6, 7, 8]])
+
+    async def drive() -> tuple[torch.Tensor, list[torch.Tensor]]:
+        lone = await runtime.submit_step(_step(scenario.open("lone", 1, 16), prompt, embed), only_session=True)
+        together = [runtime.submit_step(_step(scenario.open(name, 1, 16), prompt, embed)) for name in ("a", "b", "c")]
+        return lone, await asyncio.gather(*together)
+
+    try:
+        lone, together = asyncio.run(drive())
+    finally:
+        runtime.shutdown()
+    assert ran_on_caller[0] and len(ran_on_caller) > 1 and not any(ran_on_caller[1:])
+    for output in together:
+        torch.testing.assert_close(output, lone, rtol=0, atol=1e-4)
 
 
 def test_concurrent_clients_get_their_own_tokens(peers, bootstrap, tiny_llama, reference):
