@@ -140,7 +140,8 @@ def concurrent_decode(args, folder: str, local, bootstrap: str) -> list[Result]:
             results.append(Result(
                 f"decode, {count} concurrent sessions", "tokens/s",
                 total / statistics.median(swarm_seconds), total / statistics.median(local_seconds),
-                detail=f"1 peer x all blocks vs local batch {count}; {CLIENT_PROCESSES} client processes; same tokens: {same}",
+                detail=f"1 peer x all blocks vs local batch {count}; {CLIENT_PROCESSES} client processes; "
+                f"same tokens: {same}",
             ))
     finally:
         pool.close()

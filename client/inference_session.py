@@ -1,15 +1,15 @@
 """An inference session: one gRPC stream per hop of a chain, each peer keeping the KV cache of its blocks."""
 
-import asyncio
 import logging
+import queue
 import uuid
 
 import grpc
 import torch
 
-from client.swarm_view import RETRYABLE
-from client.transport import SessionTransport, remote_error
+from client.transport import WATCHDOG
 from swarm import tensors
+from client.swarm_view import RETRYABLE
 from swarm.errors import RemoteError, SwarmError
 from swarm.routing import Hop
 from swarm.tensors import DTYPES
@@ -17,13 +17,16 @@ from swarm.wire import swarm_peer_pb2 as pb
 
 logger = logging.getLogger(__name__)
 
+_CLOSE = None  # ends a stream's request iterator
+
+
 
 class HopSession:
-    """The session on one peer: writes steps on its stream and reads each answer in turn (see SessionTransport)."""
+    """The session on one peer: sends steps on its stream and waits for each answer in turn."""
 
     def __init__(
-        self, transport: SessionTransport, hop: Hop, batch_size: int, max_length: int, alloc_timeout: float,
-        step_timeout: float, lora=None, lora_scaling=1.0, adapter: str = "", deep_prompts: torch.Tensor | None = None,
+        self, stub, hop: Hop, batch_size: int, max_length: int, alloc_timeout: float, step_timeout: float,
+        lora=None, lora_scaling=1.0, adapter: str = "", deep_prompts: torch.Tensor | None = None,
     ):
         self.hop = hop
         self.peer = hop.peer.peer_id
@@ -31,7 +34,7 @@ class HopSession:
         self.session_id = uuid.uuid4().hex
         self._step_id = 0
         self._step_timeout = step_timeout
-        self._transport = transport
+        self._requests: queue.SimpleQueue = queue.SimpleQueue()
         opening = pb.OpenSession(
             session_id=self.session_id, start_block=hop.start, end_block=hop.end,
             batch_size=batch_size, max_length=max_length, alloc_timeout=alloc_timeout, adapter=adapter,
@@ -39,23 +42,22 @@ class HopSession:
         add_lora(opening, hop, lora or {}, lora_scaling, self.dtype)
         if deep_prompts is not None:  # [hop blocks, prefix, hidden]
             opening.deep_prompts.CopyFrom(tensors.encode(deep_prompts.detach().to(self.dtype)))
-        self._call = transport.run(_start_call(transport.stub(hop.peer.record.address)))
-        response = self._exchange(pb.InferenceRequest(open=opening), alloc_timeout + step_timeout)
+        self._requests.put(pb.InferenceRequest(open=opening))
+        self._call = stub.Inference(iter(self._requests.get, _CLOSE))
+        response = self._receive(alloc_timeout + step_timeout)
         if response.WhichOneof("kind") != "opened":
-            self.close()
             raise RemoteError(self.peer, "PROTOCOL", f"expected the session to open, got {response.WhichOneof('kind')}")
 
-    def _exchange(self, request: pb.InferenceRequest, timeout: float) -> pb.InferenceResponse:
+    def _receive(self, timeout: float) -> pb.InferenceResponse:
+        WATCHDOG.arm(self._call, timeout)
         try:
-            response = self._transport.run(_write_and_read(self._call, request, timeout, self.peer))
+            return next(self._call)
         except grpc.RpcError as error:
-            raise remote_error(self.peer, error) from None
-        except TimeoutError:
-            self.close()  # a hung peer must not keep this stream
-            raise RemoteError(self.peer, "DEADLINE_EXCEEDED", f"no answer within {timeout:.1f}s") from None
-        if response is grpc.aio.EOF:
-            raise RemoteError(self.peer, "CLOSED", "the peer closed the session")
-        return response
+            raise RemoteError(self.peer, error.code().name, error.details() or f"no answer within {timeout:.1f}s") from None
+        except StopIteration:
+            raise RemoteError(self.peer, "CLOSED", "the peer closed the session") from None
+        finally:
+            WATCHDOG.disarm(self._call)
 
     def step(self, hidden_states: torch.Tensor, step_fields: pb.InferenceStep) -> torch.Tensor:
         """Sends the hidden states with `step_fields` (positions, mask, reorder: the same for every hop)."""
@@ -64,26 +66,15 @@ class HopSession:
             session_id=self.session_id, step_id=self._step_id, hidden_states=tensors.encode(hidden_states.to(self.dtype))
         )
         step.MergeFrom(step_fields)
-        response = self._exchange(pb.InferenceRequest(step=step), self._step_timeout)
+        self._requests.put(pb.InferenceRequest(step=step))
+        response = self._receive(self._step_timeout)
         if response.WhichOneof("kind") == "error":
             raise RemoteError(self.peer, response.error.code, response.error.message)
         return tensors.decode(response.result.hidden_states)
 
     def close(self) -> None:
+        self._requests.put(_CLOSE)
         self._call.cancel()
-
-
-async def _start_call(stub):
-    return stub.Inference()  # inside the transport's loop, which the call belongs to
-
-
-async def _write_and_read(call, request: pb.InferenceRequest, timeout: float, peer: str) -> pb.InferenceResponse:
-    async with asyncio.timeout(timeout):
-        try:
-            await call.write(request)
-        except asyncio.InvalidStateError:  # the stream has ended (the peer went away): its status says why
-            raise RemoteError(peer, (await call.code()).name, await call.details() or "the stream ended") from None
-        return await call.read()
 
 
 def add_lora(message, hop: Hop, lora: dict, scaling: float, dtype: torch.dtype) -> None:
@@ -115,7 +106,6 @@ class InferenceSession:
         # What each hop was sent, step by step: replayed to a replacement peer so it rebuilds the same KV cache.
         self._history: list[list[tuple[torch.Tensor, pb.InferenceStep]]] = []
         self._batch_size = 0
-        self._transport = SessionTransport(remote.config.max_message_bytes)
         self.closed = False
 
     @property
@@ -133,7 +123,7 @@ class InferenceSession:
                 hop = self.remote.view.chain(position, end, cache_tokens=self._batch_size * self.max_length)[0]
                 try:
                     opened.append(HopSession(
-                        self._transport, hop, self._batch_size,
+                        self.remote.connections.stub(hop.peer.record.address), hop, self._batch_size,
                         self.max_length, config.alloc_timeout, config.request_timeout, self.lora, self.lora_scaling,
                         config.active_adapter, self._hop_deep_prompts(hop),
                     ))
@@ -249,7 +239,6 @@ class InferenceSession:
         self.closed = True
         for hop_session in self._hops or []:
             hop_session.close()
-        self._transport.close()
 
     def __enter__(self) -> "InferenceSession":
         return self

@@ -80,7 +80,8 @@ class ComputeRuntime:
         with self._wake:
             if self._refused(waiter):
                 return waiter.future
-            inline = only_session and work.remaining_tokens <= PREFILL_CHUNK and not (self._busy or self._steps or self._jobs)
+            idle = not (self._busy or self._steps or self._jobs)
+            inline = only_session and idle and work.remaining_tokens <= PREFILL_CHUNK
             if inline:
                 self._busy = True
             else:
