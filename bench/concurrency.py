@@ -75,7 +75,11 @@ def _client_worker(folder: str, bootstrap: str, start, commands, results) -> Non
     try:
         results.put("ready")
         while (command := commands.get()) is not None:
-            results.put(swarm_concurrent_decode(model, *command, start))
+            try:
+                results.put(swarm_concurrent_decode(model, *command, start))
+            except Exception as error:  # reported to the parent; nobody should wait for this client at the barrier
+                start.abort()
+                results.put(RuntimeError(f"a benchmark client failed: {error!r}"))
     finally:
         model.close()
 
@@ -103,9 +107,15 @@ class ClientPool:
         whether every session picked exactly `tokens`."""
         for index, commands in enumerate(self.commands):
             commands.put((prompts[index::CLIENT_PROCESSES], tokens[index::CLIENT_PROCESSES]))
-        self.start.wait(timeout=_TIMEOUT)
+        try:
+            self.start.wait(timeout=_TIMEOUT)
+        except threading.BrokenBarrierError:
+            pass  # a client failed before the start: its answer says why
         started = time.monotonic()
         outcomes = [self._result() for _ in self.processes]
+        for outcome in outcomes:
+            if isinstance(outcome, Exception):
+                raise outcome
         return max(finished for finished, _ in outcomes) - started, all(same for _, same in outcomes)
 
     def _result(self):
