@@ -38,6 +38,7 @@ def load_parts(
 ) -> None:
     """Loads the checkpoint tensors `names` into `model`, `parts` being the modules that will be used (their
     buffers are made on `device`); see `meta_tensors` for what the checkpoint did not provide."""
+    _cast_parameters(model, dtype)
     for part in parts:
         _init_non_persistent_buffers(model, part, device)
     state = checkpoint.load(names, dtype=dtype, progress=progress)
@@ -45,6 +46,18 @@ def load_parts(
     conversion_model = model if type(model) is family.causal_lm_class else meta_model(family, model.config, 0)
     load_config = LoadStateDictConfig(weight_mapping=get_model_conversion_mapping(conversion_model), dtype=dtype)
     convert_and_load_state_dict_in_model(model, state, load_config)
+
+
+def _cast_parameters(model: nn.Module, dtype: torch.dtype) -> None:
+    """Gives the (meta) parameters the dtype to load in, as from_pretrained(dtype=...) does: transformers loads each
+    tensor in its parameter's dtype, so a model built in float32 would hold half-precision weights in float32.
+    Modules the class keeps in float32 keep it; buffers (rotary frequencies) keep theirs."""
+    keep = set(getattr(model, "_keep_in_fp32_modules_strict", None) or []) if dtype in (torch.float16, torch.bfloat16) else set()
+    if dtype == torch.float16:
+        keep |= set(getattr(model, "_keep_in_fp32_modules", None) or [])
+    for name, parameter in model.named_parameters():
+        if parameter.is_floating_point() and not keep.intersection(name.split(".")):
+            parameter.data = parameter.data.to(dtype)
 
 
 def meta_tensors(part: nn.Module) -> list[str]:
