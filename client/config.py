@@ -23,6 +23,9 @@ class ClientConfig:
     # Log every chosen inference route (peer name@address[blocks)) at WARNING, so that it shows without set-up.
     show_route: bool = False
     max_message_bytes: int = 64 * 1024 * 1024
+    # Inference steps go from peer to peer along the chain (each peer still answers the client, which keeps the
+    # outputs to replay on a replacement); False: the client relays every hop's output itself.
+    peer_to_peer: bool = True
     # How many times a failed hop is replaced (with another peer, history replayed) before giving up.
     max_retries: int = 3
     # A failing peer is avoided for ban_seconds, doubling with each further failure up to max_ban_seconds.

@@ -7,9 +7,9 @@ import uuid
 import grpc
 import torch
 
+from client.swarm_view import RETRYABLE
 from client.transport import WATCHDOG
 from swarm import tensors
-from client.swarm_view import RETRYABLE
 from swarm.errors import RemoteError, SwarmError
 from swarm.routing import Hop
 from swarm.tensors import DTYPES
@@ -32,7 +32,6 @@ class HopSession:
         self.peer = hop.peer.peer_id
         self.dtype = DTYPES[hop.peer.record.dtype]
         self.session_id = uuid.uuid4().hex
-        self._step_id = 0
         self._step_timeout = step_timeout
         self._requests: queue.SimpleQueue = queue.SimpleQueue()
         opening = pb.OpenSession(
@@ -59,18 +58,32 @@ class HopSession:
         finally:
             WATCHDOG.disarm(self._call)
 
-    def step(self, hidden_states: torch.Tensor, step_fields: pb.InferenceStep) -> torch.Tensor:
-        """Sends the hidden states with `step_fields` (positions, mask, reorder: the same for every hop)."""
-        self._step_id += 1
+    @property
+    def push_target(self) -> pb.PushTarget:
+        """Where the peer before this one in the chain pushes its output."""
+        return pb.PushTarget(address=self.hop.peer.record.address, session_id=self.session_id)
+
+    def send(self, hidden_states: torch.Tensor, step_fields: pb.InferenceStep, push_to=()) -> None:
+        """Sends the hidden states with `step_fields` (step id, positions, mask, reorder: the same for every hop);
+        the peer pushes its output on along `push_to`, the sessions of the next hops."""
         step = pb.InferenceStep(
-            session_id=self.session_id, step_id=self._step_id, hidden_states=tensors.encode(hidden_states.to(self.dtype))
+            session_id=self.session_id, hidden_states=tensors.encode(hidden_states.to(self.dtype)), push_to=push_to
         )
         step.MergeFrom(step_fields)
         self._requests.put(pb.InferenceRequest(step=step))
+
+    def receive(self, step_id: int) -> pb.StepResult:
+        """The answer to step `step_id`, whether the step came from this client or by push."""
         response = self._receive(self._step_timeout)
         if response.WhichOneof("kind") == "error":
             raise RemoteError(self.peer, response.error.code, response.error.message)
-        return tensors.decode(response.result.hidden_states)
+        if response.result.step_id != step_id:
+            raise RemoteError(self.peer, "PROTOCOL", f"answered step {response.result.step_id}, expected {step_id}")
+        return response.result
+
+    def step(self, hidden_states: torch.Tensor, step_fields: pb.InferenceStep) -> torch.Tensor:
+        self.send(hidden_states, step_fields)
+        return tensors.decode(self.receive(step_fields.step_id).hidden_states)
 
     def close(self) -> None:
         self._requests.put(_CLOSE)
@@ -106,6 +119,7 @@ class InferenceSession:
         # What each hop was sent, step by step: replayed to a replacement peer so it rebuilds the same KV cache.
         self._history: list[list[tuple[torch.Tensor, pb.InferenceStep]]] = []
         self._batch_size = 0
+        self._steps = 0  # step ids: the same on every hop, so that a step that came by push and from us runs once
         self.closed = False
 
     @property
@@ -145,21 +159,48 @@ class InferenceSession:
             return None
         return self.deep_prompts[hop.start - self.remote.start_block : hop.end - self.remote.start_block]
 
-    def _run_hop(self, index: int, hidden_states: torch.Tensor, step_fields: pb.InferenceStep) -> torch.Tensor:
-        """Runs hop `index`; if its peer fails, replaces it (replaying its history) and tries again."""
+    def _run_chain(self, hidden_states: torch.Tensor, step_fields: pb.InferenceStep) -> torch.Tensor:
+        """Runs the step through every hop. Every hop answers the client, which keeps the outputs to replay on a
+        replacement peer; a hop that was sent the step by the peer before it is only waited for."""
+        index, sent = 0, False
+        while index < len(self._hops):  # a replaced hop may become several: the list can grow while we walk it
+            hidden_states, sent = self._run_hop(index, hidden_states, step_fields, sent)
+            index += 1
+        return hidden_states
+
+    def _send(self, index: int, hidden_states: torch.Tensor, step_fields: pb.InferenceStep) -> None:
+        """Sends the step to hop `index`, with peer_to_peer the sessions of the following hops that its peer and
+        theirs push the output on to (as far as they take the same dtype, which the pushed activations keep)."""
+        hop_session = self._hops[index]
+        push_to = []
+        if self.remote.config.peer_to_peer:
+            for following in self._hops[index + 1 :]:
+                if following.dtype != hop_session.dtype:
+                    break
+                push_to.append(following.push_target)
+        hop_session.send(hidden_states, step_fields, push_to)
+
+    def _run_hop(
+        self, index: int, hidden_states: torch.Tensor, step_fields: pb.InferenceStep, sent: bool
+    ) -> tuple[torch.Tensor, bool]:
+        """Runs hop `index` (`sent`: the step is on its way to its peer already); if its peer fails, replaces it
+        (replaying its history) and sends the step again. Returns the output and whether the hop pushed it on."""
         needs_replacement = False
         for attempt in range(self.remote.config.max_retries + 1):
             try:
                 if needs_replacement:
                     self._replace(index)
                     needs_replacement = False
-                output = self._hops[index].step(hidden_states, step_fields)
+                if not sent:
+                    self._send(index, hidden_states, step_fields)
+                result = self._hops[index].receive(step_fields.step_id)
                 self._history[index].append((hidden_states, step_fields))
-                return output
+                return tensors.decode(result.hidden_states), result.pushed
             except RemoteError as error:
                 if error.code not in RETRYABLE or attempt == self.remote.config.max_retries:
                     raise
                 self.remote.view.handle_failure(error, attempt)
+                sent = False
                 if not needs_replacement:
                     self._hops[index].close()
                     needs_replacement = True
@@ -213,7 +254,9 @@ class InferenceSession:
             position_ids = torch.arange(first, first + new_tokens).expand(batch, new_tokens)
         if attention_mask is None:
             attention_mask = torch.ones(batch, new_tokens, dtype=torch.bool)
+        self._steps += 1
         step_fields = pb.InferenceStep(
+            step_id=self._steps,
             position_ids=tensors.encode(position_ids.cpu().long()),
             attention_mask=tensors.encode(attention_mask.cpu().bool()),
         )
@@ -222,13 +265,9 @@ class InferenceSession:
             step_fields.beam_reorder.CopyFrom(tensors.encode(reorder))
         if start_position is not None:
             step_fields.start_position, step_fields.has_start_position = start_position, True
-        output_dtype = hidden_states.dtype
-        index = 0
-        while index < len(self._hops):  # a replaced hop may become several: the list can grow while we walk it
-            hidden_states = self._run_hop(index, hidden_states, step_fields)
-            index += 1
+        output = self._run_chain(hidden_states, step_fields)
         self.position = first + new_tokens
-        return hidden_states.to(output_dtype)
+        return output.to(hidden_states.dtype)
 
     def reorder(self, beam_idx: torch.Tensor) -> None:
         """Keep cache rows `beam_idx` (beam search); applied by the peers before the next step."""

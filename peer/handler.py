@@ -9,11 +9,19 @@ import torch
 
 from peer.adapters import HostedAdapter
 from peer.memory_pool import CacheExhaustedError, CachePool
+from peer.push import PushSender
 from peer.runtime import PREFILL_CHUNK, ComputeRuntime
 from peer.sessions import InferenceSessionState, StepWork
 from peer.training import (
-    check_lora_scaling, check_trainable, decode_grad_outputs, decode_job, decode_lora, find_adapter, merge_group,
-    run_backward, run_forward,
+    check_lora_scaling,
+    check_trainable,
+    decode_grad_outputs,
+    decode_job,
+    decode_lora,
+    find_adapter,
+    merge_group,
+    run_backward,
+    run_forward,
 )
 from peer.validation import InvalidRequest, check_block_range, decode_span_inputs, decode_tensor
 from swarm import tensors
@@ -49,6 +57,8 @@ class SwarmPeerServicer(pb_grpc.SwarmPeerServicer):
         self.on_cache_change = on_cache_change
         self.hidden_size = span.config.hidden_size
         self.open_sessions: dict[str, InferenceSessionState] = {}
+        self.pusher = PushSender(max_message_bytes)
+        self._pushed_steps: set[asyncio.Task] = set()
 
     def switch_span(self, span: BlockSpan, runtime: ComputeRuntime, adapters: dict[str, HostedAdapter]) -> ComputeRuntime:
         """Serve another span of the same length from now on (load balancing); returns the old span's runtime.
@@ -115,7 +125,7 @@ class SwarmPeerServicer(pb_grpc.SwarmPeerServicer):
         except ChunkedMessageError as error:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(error))
 
-    async def Inference(self, request_iterator, context) -> AsyncIterator[pb.InferenceResponse]:
+    async def Inference(self, request_iterator, context) -> None:
         requests = aiter(request_iterator)
         first = await self._next_request(requests, context)
         if first is None:
@@ -143,14 +153,22 @@ class SwarmPeerServicer(pb_grpc.SwarmPeerServicer):
                     opening.session_id, self.span.start, opening.start_block, opening.end_block,
                     opening.batch_size, opening.max_length, pages, lora, lora_scaling, adapter, deep_prompts,
                 )
+                session.answers = context
                 self.open_sessions[session.session_id] = session
                 self.on_cache_change()
                 try:
-                    yield pb.InferenceResponse(
+                    await context.write(pb.InferenceResponse(
                         opened=pb.SessionOpened(session_id=session.session_id, max_length=session.max_length)
-                    )
-                    async for response in self._serve_steps(session, requests, context):
-                        yield response
+                    ))
+                    while (request := await self._next_request(requests, context, session)) is not None:
+                        if request.WhichOneof("kind") != "step":
+                            await context.write(_step_error(request.step, "a session is already open on this stream"))
+                        elif request.step.session_id != session.session_id:
+                            await context.write(_step_error(
+                                request.step, f"unknown session {request.step.session_id!r} on this stream", "NOT_FOUND"
+                            ))
+                        else:
+                            await self._serve_step(session, request.step)
                 finally:
                     del self.open_sessions[session.session_id]
                     session.closed = True
@@ -173,18 +191,43 @@ class SwarmPeerServicer(pb_grpc.SwarmPeerServicer):
         check_trainable(prompts, self.dtype, "deep_prompts")
         return prompts
 
-    async def _serve_steps(self, session: InferenceSessionState, requests, context):
-        while (request := await self._next_request(requests, context)) is not None:
-            step = request.step
+    async def Push(self, request_iterator, context) -> pb.PushSummary:
+        """Steps the peer before us in a chain pushes: each runs as its session's next step, concurrently (so that
+        pushed steps of many sessions batch), and is answered on that session's own stream."""
+        async for step in request_iterator:
+            session = self.open_sessions.get(step.session_id)
+            if session is None:  # closed meanwhile, or never here: its client hears from its own stream
+                logger.debug(f"pushed step for unknown session {step.session_id!r} ignored")
+                continue
+            if session.idle_deadline is not None and not session.idle_deadline.expired():
+                session.idle_deadline.reschedule(asyncio.get_running_loop().time() + self.session_idle_timeout)
+            task = asyncio.create_task(self._serve_pushed_step(session, step))
+            self._pushed_steps.add(task)  # the loop keeps only weak references to tasks
+            task.add_done_callback(self._pushed_steps.discard)
+        return pb.PushSummary()
+
+    async def _serve_pushed_step(self, session: InferenceSessionState, step: pb.InferenceStep) -> None:
+        try:
+            await self._serve_step(session, step)
+        except grpc.aio.AbortError:
+            pass  # the session's stream ended with the status the abort set
+        except Exception as error:  # the session's stream closed under us: its client hears from it
+            logger.debug(f"pushed step of session {session.session_id} dropped: {error!r}")
+
+    async def _serve_step(self, session: InferenceSessionState, step: pb.InferenceStep) -> None:
+        """Runs one step of the session, passes its output on to the next peer when asked, and answers the client
+        on the session's stream. A bad step gets a StepError and changes nothing."""
+        context = session.answers
+        async with session.turn:
+            if session.closed or step.step_id == session.last_step_id:
+                return  # a step that came both by push and from the client runs once: its answer is out already
             try:
-                if request.WhichOneof("kind") != "step":
-                    raise InvalidRequest("a session is already open on this stream", "FAILED_PRECONDITION")
-                if step.session_id != session.session_id:
-                    raise InvalidRequest(f"unknown session {step.session_id!r} on this stream", "NOT_FOUND")
+                if step.step_id < session.last_step_id:
+                    raise InvalidRequest(f"step_id {step.step_id} comes after step {session.last_step_id}; ids must increase")
                 work = self._decode_step(session, step)
             except InvalidRequest as error:
-                yield pb.InferenceResponse(error=pb.StepError(step_id=step.step_id, code=error.code, message=str(error)))
-                continue
+                await context.write(_step_error(step, str(error), error.code))
+                return
             if session.span_start != self.span.start:
                 await context.abort(
                     getattr(grpc.StatusCode, SPAN_MOVED_STATUS), f"this peer moved to blocks "
@@ -196,9 +239,15 @@ class SwarmPeerServicer(pb_grpc.SwarmPeerServicer):
             except Exception as error:  # the cache may be half-written: end the session rather than serve wrong tokens
                 logger.exception(f"session {session.session_id} failed")
                 await context.abort(grpc.StatusCode.INTERNAL, f"step failed on the peer, session closed: {error!r}")
-            yield pb.InferenceResponse(
-                result=pb.StepResult(step_id=step.step_id, hidden_states=tensors.encode(output), position=session.position)
-            )
+            session.last_step_id = step.step_id
+            encoded = tensors.encode(output)
+            # The push goes first: the next peer's compute is what the client waits for, not this answer. The next
+            # peer takes this peer's dtype (the client pushes no further), which a block may have left.
+            passed_on = encoded if output.dtype == self.dtype else tensors.encode(output.to(self.dtype))
+            pushed = bool(step.push_to) and await self.pusher.push(step.push_to[0], _next_hop_step(step, passed_on))
+            await context.write(pb.InferenceResponse(result=pb.StepResult(
+                step_id=step.step_id, hidden_states=encoded, position=session.position, pushed=pushed,
+            )))
 
     def _decode_step(self, session: InferenceSessionState, step: pb.InferenceStep) -> StepWork:
         start_position = step.start_position if step.has_start_position else None
@@ -226,10 +275,15 @@ class SwarmPeerServicer(pb_grpc.SwarmPeerServicer):
             session, inputs.hidden_states, inputs.position_ids, inputs.attention_mask, beam_reorder, start_position
         )
 
-    async def _next_request(self, requests, context) -> pb.InferenceRequest | None:
-        """The next message of the stream, None when the client closed it; an idle session times out."""
+    async def _next_request(
+        self, requests, context, session: InferenceSessionState | None = None
+    ) -> pb.InferenceRequest | None:
+        """The next message of the stream, None when the client closed it; an idle session times out (a pushed
+        step pushes the session's deadline back)."""
         try:
-            async with asyncio.timeout(self.session_idle_timeout):  # no extra task per message, unlike wait_for
+            async with asyncio.timeout(self.session_idle_timeout) as deadline:  # no extra task, unlike wait_for
+                if session is not None:
+                    session.idle_deadline = deadline
                 return await anext(requests)
         except StopAsyncIteration:
             return None
@@ -237,3 +291,21 @@ class SwarmPeerServicer(pb_grpc.SwarmPeerServicer):
             await context.abort(
                 grpc.StatusCode.DEADLINE_EXCEEDED, f"session idle for {self.session_idle_timeout:.0f}s; closed"
             )
+        finally:
+            if session is not None:
+                session.idle_deadline = None
+
+
+def _step_error(step: pb.InferenceStep, message: str, code: str = "FAILED_PRECONDITION") -> pb.InferenceResponse:
+    return pb.InferenceResponse(error=pb.StepError(step_id=step.step_id, code=code, message=message))
+
+
+def _next_hop_step(step: pb.InferenceStep, output: pb.Tensor) -> pb.InferenceStep:
+    """The step as the next peer of the chain gets it: this peer's output, the same positions, mask, reorder and
+    rollback (they are the same for every hop), and the rest of the chain to push to."""
+    target = step.push_to[0]
+    return pb.InferenceStep(
+        session_id=target.session_id, step_id=step.step_id, hidden_states=output, position_ids=step.position_ids,
+        attention_mask=step.attention_mask, beam_reorder=step.beam_reorder, start_position=step.start_position,
+        has_start_position=step.has_start_position, push_to=step.push_to[1:],
+    )

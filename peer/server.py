@@ -139,6 +139,7 @@ class Peer:
         self.state = ServerState.OFFLINE
         await self.announcer.announce()  # same lifetime as before: the DHT keeps the record that expires last
         await server.stop(grace=5)
+        await self.servicer.pusher.close()
         self.servicer.runtime.shutdown()
         self.dht.shutdown()
         print("stopped", flush=True)

@@ -36,6 +36,10 @@ class InferenceSessionState:
         self.position = 0
         self.closed = False  # set by the handler; queued steps of a closed session are dropped
         self.last_step: asyncio.Future | None = None  # the step in the compute runtime's hands, if any
+        self.last_step_id = 0  # of the last step run: steps come from the client's stream and by push
+        self.turn = asyncio.Lock()  # one step at a time, whichever way it came
+        self.answers = None  # the session's gRPC stream context: every step's answer goes out on it
+        self.idle_deadline: asyncio.Timeout | None = None  # while waiting for the client's next message
         self.page_table = torch.tensor(pages, dtype=torch.int64).view(batch_size, -1)  # a row's pages, in order
         self.mask = torch.zeros(batch_size, max_length, dtype=torch.bool)
 

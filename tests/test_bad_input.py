@@ -1,6 +1,5 @@
 """Bad input to a peer gets a clear error, changes nothing, and the peer keeps serving other sessions."""
 
-import queue
 import time
 
 import grpc
@@ -9,11 +8,10 @@ import torch
 
 from peer.local_swarm import start_peers
 from swarm import tensors
-from swarm.checkpoint_maker import tiny_llama_config
 from swarm.wire import swarm_peer_pb2 as pb
 from swarm.wire import swarm_peer_pb2_grpc as pb_grpc
+from tests.raw_session import HIDDEN, RawSession, expect_error, hidden
 
-HIDDEN = tiny_llama_config().hidden_size
 CACHE_TOKENS = 256
 IDLE_TIMEOUT = 6
 
@@ -33,39 +31,6 @@ def stub(peer):
     channel = grpc.insecure_channel(peer.address, options=[("grpc.max_send_message_length", 16 * 2**20)])
     yield pb_grpc.SwarmPeerStub(channel)
     channel.close()
-
-
-class RawSession:
-    """An inference stream driven message by message."""
-
-    def __init__(self, stub, session_id: str, batch_size: int = 1, max_length: int = 16, blocks=(0, 4), alloc_timeout=5.0,
-                 **open_fields):
-        self.session_id = session_id
-        self.requests: queue.SimpleQueue = queue.SimpleQueue()
-        self.requests.put(pb.InferenceRequest(open=pb.OpenSession(
-            session_id=session_id, start_block=blocks[0], end_block=blocks[1], batch_size=batch_size,
-            max_length=max_length, alloc_timeout=alloc_timeout, **open_fields,
-        )))
-        self.responses = stub.Inference(iter(self.requests.get, None))
-        assert next(self.responses).WhichOneof("kind") == "opened"
-
-    def send(self, hidden: torch.Tensor, session_id: str | None = None, **fields) -> pb.InferenceResponse:
-        step = pb.InferenceStep(session_id=session_id or self.session_id, step_id=1, hidden_states=tensors.encode(hidden), **fields)
-        self.requests.put(pb.InferenceRequest(step=step))
-        return next(self.responses)
-
-    def close(self) -> None:
-        self.requests.put(None)
-        self.responses.cancel()
-
-
-def hidden(batch=1, tokens=1, size=HIDDEN, dtype=torch.float32, seed=0) -> torch.Tensor:
-    return torch.randn(batch, tokens, size, generator=torch.Generator().manual_seed(seed)).to(dtype)
-
-
-def expect_error(response: pb.InferenceResponse, code: str, text: str) -> None:
-    assert response.WhichOneof("kind") == "error", response
-    assert response.error.code == code and text in response.error.message, response.error
 
 
 def test_bad_steps_are_refused_and_change_nothing(stub):

@@ -69,7 +69,7 @@ class OpenSession(_message.Message):
     def __init__(self, session_id: _Optional[str] = ..., start_block: _Optional[int] = ..., end_block: _Optional[int] = ..., batch_size: _Optional[int] = ..., max_length: _Optional[int] = ..., alloc_timeout: _Optional[float] = ..., lora: _Optional[_Iterable[_Union[NamedTensor, _Mapping]]] = ..., lora_scaling: _Optional[float] = ..., adapter: _Optional[str] = ..., deep_prompts: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
 
 class InferenceStep(_message.Message):
-    __slots__ = ("session_id", "step_id", "hidden_states", "position_ids", "attention_mask", "beam_reorder", "start_position", "has_start_position")
+    __slots__ = ("session_id", "step_id", "hidden_states", "position_ids", "attention_mask", "beam_reorder", "start_position", "has_start_position", "push_to")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     STEP_ID_FIELD_NUMBER: _ClassVar[int]
     HIDDEN_STATES_FIELD_NUMBER: _ClassVar[int]
@@ -78,6 +78,7 @@ class InferenceStep(_message.Message):
     BEAM_REORDER_FIELD_NUMBER: _ClassVar[int]
     START_POSITION_FIELD_NUMBER: _ClassVar[int]
     HAS_START_POSITION_FIELD_NUMBER: _ClassVar[int]
+    PUSH_TO_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     step_id: int
     hidden_states: Tensor
@@ -86,7 +87,16 @@ class InferenceStep(_message.Message):
     beam_reorder: Tensor
     start_position: int
     has_start_position: bool
-    def __init__(self, session_id: _Optional[str] = ..., step_id: _Optional[int] = ..., hidden_states: _Optional[_Union[Tensor, _Mapping]] = ..., position_ids: _Optional[_Union[Tensor, _Mapping]] = ..., attention_mask: _Optional[_Union[Tensor, _Mapping]] = ..., beam_reorder: _Optional[_Union[Tensor, _Mapping]] = ..., start_position: _Optional[int] = ..., has_start_position: _Optional[bool] = ...) -> None: ...
+    push_to: _containers.RepeatedCompositeFieldContainer[PushTarget]
+    def __init__(self, session_id: _Optional[str] = ..., step_id: _Optional[int] = ..., hidden_states: _Optional[_Union[Tensor, _Mapping]] = ..., position_ids: _Optional[_Union[Tensor, _Mapping]] = ..., attention_mask: _Optional[_Union[Tensor, _Mapping]] = ..., beam_reorder: _Optional[_Union[Tensor, _Mapping]] = ..., start_position: _Optional[int] = ..., has_start_position: _Optional[bool] = ..., push_to: _Optional[_Iterable[_Union[PushTarget, _Mapping]]] = ...) -> None: ...
+
+class PushTarget(_message.Message):
+    __slots__ = ("address", "session_id")
+    ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    address: str
+    session_id: str
+    def __init__(self, address: _Optional[str] = ..., session_id: _Optional[str] = ...) -> None: ...
 
 class InferenceRequest(_message.Message):
     __slots__ = ("open", "step")
@@ -105,14 +115,16 @@ class SessionOpened(_message.Message):
     def __init__(self, session_id: _Optional[str] = ..., max_length: _Optional[int] = ...) -> None: ...
 
 class StepResult(_message.Message):
-    __slots__ = ("step_id", "hidden_states", "position")
+    __slots__ = ("step_id", "hidden_states", "position", "pushed")
     STEP_ID_FIELD_NUMBER: _ClassVar[int]
     HIDDEN_STATES_FIELD_NUMBER: _ClassVar[int]
     POSITION_FIELD_NUMBER: _ClassVar[int]
+    PUSHED_FIELD_NUMBER: _ClassVar[int]
     step_id: int
     hidden_states: Tensor
     position: int
-    def __init__(self, step_id: _Optional[int] = ..., hidden_states: _Optional[_Union[Tensor, _Mapping]] = ..., position: _Optional[int] = ...) -> None: ...
+    pushed: bool
+    def __init__(self, step_id: _Optional[int] = ..., hidden_states: _Optional[_Union[Tensor, _Mapping]] = ..., position: _Optional[int] = ..., pushed: _Optional[bool] = ...) -> None: ...
 
 class StepError(_message.Message):
     __slots__ = ("step_id", "code", "message")
@@ -133,6 +145,10 @@ class InferenceResponse(_message.Message):
     result: StepResult
     error: StepError
     def __init__(self, opened: _Optional[_Union[SessionOpened, _Mapping]] = ..., result: _Optional[_Union[StepResult, _Mapping]] = ..., error: _Optional[_Union[StepError, _Mapping]] = ...) -> None: ...
+
+class PushSummary(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
 
 class NamedTensor(_message.Message):
     __slots__ = ("name", "tensor")

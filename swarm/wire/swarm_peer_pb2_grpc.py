@@ -44,6 +44,11 @@ class SwarmPeerStub:
                 request_serializer=swarm_dot_wire_dot_swarm__peer__pb2.InferenceRequest.SerializeToString,
                 response_deserializer=swarm_dot_wire_dot_swarm__peer__pb2.InferenceResponse.FromString,
                 _registered_method=True)
+        self.Push = channel.stream_unary(
+                '/swarm.SwarmPeer/Push',
+                request_serializer=swarm_dot_wire_dot_swarm__peer__pb2.InferenceStep.SerializeToString,
+                response_deserializer=swarm_dot_wire_dot_swarm__peer__pb2.PushSummary.FromString,
+                _registered_method=True)
         self.Forward = channel.unary_unary(
                 '/swarm.SwarmPeer/Forward',
                 request_serializer=swarm_dot_wire_dot_swarm__peer__pb2.ForwardRequest.SerializeToString,
@@ -77,6 +82,14 @@ class SwarmPeerServicer:
 
     def Inference(self, request_iterator, context):
         """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Push(self, request_iterator, context):
+        """Steps of open sessions sent by the peer before them in a chain; each answer goes out on that session's own
+        Inference stream (errors included), so this stream only ever ends with an empty summary.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
@@ -119,6 +132,11 @@ def add_SwarmPeerServicer_to_server(servicer, server):
                     servicer.Inference,
                     request_deserializer=swarm_dot_wire_dot_swarm__peer__pb2.InferenceRequest.FromString,
                     response_serializer=swarm_dot_wire_dot_swarm__peer__pb2.InferenceResponse.SerializeToString,
+            ),
+            'Push': grpc.stream_unary_rpc_method_handler(
+                    servicer.Push,
+                    request_deserializer=swarm_dot_wire_dot_swarm__peer__pb2.InferenceStep.FromString,
+                    response_serializer=swarm_dot_wire_dot_swarm__peer__pb2.PushSummary.SerializeToString,
             ),
             'Forward': grpc.unary_unary_rpc_method_handler(
                     servicer.Forward,
@@ -195,6 +213,33 @@ class SwarmPeer:
             '/swarm.SwarmPeer/Inference',
             swarm_dot_wire_dot_swarm__peer__pb2.InferenceRequest.SerializeToString,
             swarm_dot_wire_dot_swarm__peer__pb2.InferenceResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Push(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_unary(
+            request_iterator,
+            target,
+            '/swarm.SwarmPeer/Push',
+            swarm_dot_wire_dot_swarm__peer__pb2.InferenceStep.SerializeToString,
+            swarm_dot_wire_dot_swarm__peer__pb2.PushSummary.FromString,
             options,
             channel_credentials,
             insecure,
