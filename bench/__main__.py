@@ -62,7 +62,7 @@ def run(args: argparse.Namespace, wanted: set[str]) -> list[Result]:
             if wanted & {"decode", "startup"}:
                 with _peers(folder, bootstrap, halves(args.layers), 1) as started:
                     if "decode" in wanted:
-                        results.append(_logged(single_session_decode(args, folder, local, bootstrap)))
+                        results.extend(map(_logged, single_session_decode(args, folder, local, bootstrap)))
                     if "startup" in wanted:
                         results.append(_logged(Result(
                             "peer start-up to online", "s", started, higher_is_better=False,

@@ -11,19 +11,29 @@ from bench.results import Result
 from client import AutoDistributedModelForCausalLM
 
 
-def single_session_decode(args: argparse.Namespace, folder: str, local, bootstrap: str) -> Result:
+def single_session_decode(args: argparse.Namespace, folder: str, local, bootstrap: str) -> list[Result]:
+    """Peers pushing each step on to the next one (the default), and the client relaying every hop, in turns."""
     prompt = torch.randint(3, local.config.vocab_size, (1, 16))
     options = dict(max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens, do_sample=False)
-    with _client(folder, bootstrap) as swarm:
+    with _client(folder, bootstrap) as pushed, _client(folder, bootstrap, peer_to_peer=False) as relayed:
         seconds = interleaved_medians(
-            {"local": lambda: local.generate(prompt, **options), "swarm": lambda: swarm.generate(prompt, **options)},
+            {
+                "local": lambda: local.generate(prompt, **options),
+                "pushed": lambda: pushed.generate(prompt, **options),
+                "relayed": lambda: relayed.generate(prompt, **options),
+            },
             args.repeats,
         )
-        same = torch.equal(local.generate(prompt, **options), swarm.generate(prompt, **options))
-    return Result(
-        "single-session decode", "tokens/s", args.new_tokens / seconds["swarm"], args.new_tokens / seconds["local"],
-        detail=f"2 peers x {args.layers // 2} blocks, {args.new_tokens} new tokens, same tokens: {same}",
-    )
+        expected = local.generate(prompt, **options)
+        same = torch.equal(pushed.generate(prompt, **options), expected) and torch.equal(relayed.generate(prompt, **options), expected)
+    detail = f"2 peers x {args.layers // 2} blocks, {args.new_tokens} new tokens, same tokens: {same}"
+    return [
+        Result("single-session decode", "tokens/s", args.new_tokens / seconds["pushed"], args.new_tokens / seconds["local"], detail=detail),
+        Result(
+            "single-session decode, client relays each hop", "tokens/s", args.new_tokens / seconds["relayed"],
+            args.new_tokens / seconds["local"], detail="peer_to_peer=False: each peer's output goes back to the client",
+        ),
+    ]
 
 
 def prefill(args: argparse.Namespace, folder: str, local, bootstrap: str) -> Result:
@@ -42,8 +52,8 @@ def prefill(args: argparse.Namespace, folder: str, local, bootstrap: str) -> Res
 
 
 @contextlib.contextmanager
-def _client(folder: str, bootstrap: str) -> Iterator:
-    model = AutoDistributedModelForCausalLM.from_pretrained(folder, initial_peers=[bootstrap])
+def _client(folder: str, bootstrap: str, **config) -> Iterator:
+    model = AutoDistributedModelForCausalLM.from_pretrained(folder, initial_peers=[bootstrap], **config)
     try:
         yield model
     finally:

@@ -34,6 +34,9 @@ from swarm.wire import swarm_peer_pb2_grpc as pb_grpc
 logger = logging.getLogger(__name__)
 
 MAX_ALLOC_TIMEOUT = 600.0
+# Pushed steps waiting to run, over all sessions: a chain pushes at most one per session at a time, so more than
+# this is a peer flooding us, and its surplus is dropped rather than queued without bound.
+MAX_PENDING_PUSHES = 4096
 
 
 class SwarmPeerServicer(pb_grpc.SwarmPeerServicer):
@@ -198,6 +201,9 @@ class SwarmPeerServicer(pb_grpc.SwarmPeerServicer):
             session = self.open_sessions.get(step.session_id)
             if session is None:  # closed meanwhile, or never here: its client hears from its own stream
                 logger.debug(f"pushed step for unknown session {step.session_id!r} ignored")
+                continue
+            if len(self._pushed_steps) >= MAX_PENDING_PUSHES:
+                logger.warning(f"{MAX_PENDING_PUSHES} pushed steps already wait; one for {step.session_id!r} dropped")
                 continue
             if session.idle_deadline is not None and not session.idle_deadline.expired():
                 session.idle_deadline.reschedule(asyncio.get_running_loop().time() + self.session_idle_timeout)
