@@ -218,18 +218,18 @@ class SwarmPeerServicer(pb_grpc.SwarmPeerServicer):
         except grpc.aio.AbortError:
             pass  # the session's stream ended with the status the abort set
         except Exception as error:  # the session's stream closed under us: its client hears from it
-            logger.debug(f"pushed step of session {session.session_id} dropped: {error!r}")
+            logger.warning(f"pushed step of session {session.session_id} dropped: {error!r}")
 
     async def _serve_step(self, session: InferenceSessionState, step: pb.InferenceStep) -> None:
         """Runs one step of the session, passes its output on to the next peer when asked, and answers the client
         on the session's stream. A bad step gets a StepError and changes nothing."""
         context = session.answers
         async with session.turn:
-            if session.closed or step.step_id == session.last_step_id:
+            if session.closed or step.step_id == session.last_step_id > 0:
                 return  # a step that came both by push and from the client runs once: its answer is out already
             try:
-                if step.step_id < session.last_step_id:
-                    raise InvalidRequest(f"step_id {step.step_id} comes after step {session.last_step_id}; ids must increase")
+                if step.step_id <= session.last_step_id:
+                    raise InvalidRequest(f"step_id {step.step_id} does not follow step {session.last_step_id}; ids must increase")
                 work = self._decode_step(session, step)
             except InvalidRequest as error:
                 await context.write(_step_error(step, str(error), error.code))

@@ -57,6 +57,7 @@ def test_a_pushed_step_is_answered_on_the_next_session_stream_and_runs_once(chai
     assert following.result.step_id == 2 and following.result.position == 2
     assert torch.equal(decoded(following), decoded(relayed.send(hidden(seed=2))))
     expect_error(second.send(hidden(seed=3), step_id=1), "INVALID_ARGUMENT", "ids must increase")
+    expect_error(second.send(hidden(seed=3), step_id=0), "INVALID_ARGUMENT", "ids must increase")  # unset
     for session in (first, second, relayed):
         session.close()
 
