@@ -6,6 +6,7 @@ Prints a markdown table (the one in the README) and writes the same figures as J
 """
 
 import argparse
+import os
 import tempfile
 import time
 
@@ -21,6 +22,7 @@ from peer.local_swarm import start_bootstrap, start_peers
 from swarm.checkpoint_maker import save_random_checkpoint
 
 ALL = ("decode", "concurrent", "prefill", "training", "overhead", "startup")
+CORES = os.cpu_count() or 1
 
 
 def main() -> None:
@@ -58,9 +60,10 @@ def run(args: argparse.Namespace, wanted: set[str]) -> list[Result]:
               f"vocab {args.vocab}), fp32; peers and client on this machine, loopback", flush=True)
         node, bootstrap = start_bootstrap()
         try:
-            # Decoding: each of the two peers computes on one thread (they and the client share the cores).
-            if wanted & {"decode", "startup"}:
-                with _peers(folder, bootstrap, halves(args.layers), 1) as started:
+            # Peers use every core for passes of many tokens (prefill, training) and one for decode steps (see
+            # peer/threads.py): the two peers and the client share the machine's cores.
+            if wanted & {"decode", "startup", "prefill", "training"}:
+                with _peers(folder, bootstrap, halves(args.layers), CORES) as started:
                     if "decode" in wanted:
                         results.extend(map(_logged, single_session_decode(args, folder, local, bootstrap)))
                     if "startup" in wanted:
@@ -72,15 +75,12 @@ def run(args: argparse.Namespace, wanted: set[str]) -> list[Result]:
                             "client time to first token", "s", client_first_token(folder, bootstrap),
                             higher_is_better=False, detail="from_pretrained + route + 1 token",
                         )))
-            # Compute-bound work: only one peer computes at a time, so each may use both cores.
-            if wanted & {"prefill", "training"}:
-                with _peers(folder, bootstrap, halves(args.layers), 2):
                     if "prefill" in wanted:
                         results.append(_logged(prefill(args, folder, local, bootstrap)))
                     if "training" in wanted:
                         results.append(_logged(forward_backward(args, folder, local, bootstrap)))
             if "concurrent" in wanted:
-                with _peers(folder, bootstrap, [f"0:{args.layers}"], 2):
+                with _peers(folder, bootstrap, [f"0:{args.layers}"], CORES):
                     results.extend(map(_logged, concurrent_decode(args, folder, local, bootstrap)))
             if "overhead" in wanted:
                 results.append(_logged(hop_overhead(bootstrap, args.hop_steps)))

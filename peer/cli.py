@@ -34,8 +34,9 @@ _PEER_OPTIONS = [
     click.option("--session-timeout", default=300.0, show_default=True, help="Close sessions idle this many seconds."),
     click.option("--max-message-mb", default=DEFAULT_MAX_MESSAGE_BYTES // 2**20, show_default=True),
     click.option("--public-name", default="", help="A name shown to others in the swarm's status."),
-    click.option("--num-threads", type=int, help="CPU threads for compute (default: torch's, one per core). Peers "
-                 "that share a machine run faster with the cores split between them than with each using all of them."),
+    click.option("--num-threads", type=int, help="CPU threads of a large pass: prefill, batched decoding, training "
+                 "(default: torch's, one per core; a pass of a few tokens runs on one). Peers that share a machine and "
+                 "compute at the same time run faster with the cores split between them."),
     click.option("--balance-period", default=120.0, show_default=True,
                  help="Mean seconds between checks whether other blocks need this peer more (not with --blocks)."),
     click.option("--bandwidth", "bandwidth_mbps", default=DEFAULT_BANDWIDTH_MBPS, show_default=True,
@@ -65,12 +66,8 @@ def run_peer(model_path: str, blocks, num_blocks: int | None, device: str, dtype
         device=device, dtype=dtype, host=host, port=port, announce_host=announce_host, cache_tokens=cache_tokens,
         announce_period=announce_period, session_idle_timeout=session_timeout,
         max_message_bytes=max_message_mb * 2**20, public_name=public_name, balance_period=balance_period,
-        bandwidth_mbps=bandwidth_mbps, identity_path=identity_path, adapters=tuple(adapters),
+        bandwidth_mbps=bandwidth_mbps, identity_path=identity_path, adapters=tuple(adapters), num_threads=num_threads,
     )
-    if num_threads is not None:
-        import torch
-
-        torch.set_num_threads(num_threads)
     try:
         peer = Peer(config)
     except (ValueError, FileNotFoundError) as error:  # a bad checkpoint folder or span: say so, no traceback

@@ -54,6 +54,7 @@ class PeerConfig:
     bandwidth_mbps: float = DEFAULT_BANDWIDTH_MBPS
     identity_path: str | None = None  # private key file: the same identity across restarts
     adapters: tuple[str, ...] = ()  # peft LoRA adapter folders to host, "PATH" or "NAME=PATH"
+    num_threads: int | None = None  # CPU threads of a large pass (default: torch's, one per core)
 
 
 def resolve_dtype(name: str, checkpoint: Checkpoint) -> torch.dtype:
@@ -69,6 +70,7 @@ class Peer:
         self.config = config
         self.checkpoint = Checkpoint(config.model_path)
         self.dtype = resolve_dtype(config.dtype, self.checkpoint)
+        self.threads = config.num_threads or torch.get_num_threads()
         self.model_prefix = self.checkpoint.model_prefix()
         self.num_model_blocks = self.checkpoint.config.num_hidden_layers
         if config.blocks is not None and config.blocks[1] > self.num_model_blocks:
@@ -153,7 +155,7 @@ class Peer:
         key = self._throughput_key()
         throughput = self.throughputs.get(key)
         if throughput is None:
-            throughput = await loop.run_in_executor(None, measure_throughput, span, self.dtype)
+            throughput = await loop.run_in_executor(None, measure_throughput, span, self.dtype, self.threads)
             self.throughputs.put(key, throughput)
         self.throughput = throughput
         return span
@@ -164,10 +166,10 @@ class Peer:
 
     def _new_runtime(self, span: BlockSpan) -> ComputeRuntime:
         num_pages = -(-self.config.cache_tokens // PAGE_SIZE)
-        return ComputeRuntime(span, PagedKV(span.end - span.start, num_pages, PAGE_SIZE))
+        return ComputeRuntime(span, PagedKV(span.end - span.start, num_pages, PAGE_SIZE), self.threads)
 
     def _throughput_key(self) -> str:
-        return ThroughputCache.key(self.model_prefix, self.end - self.start, self.config.device, self.dtype)
+        return ThroughputCache.key(self.model_prefix, self.end - self.start, self.config.device, self.dtype, self.threads)
 
     def _record(self) -> ServerRecord:
         return ServerRecord(

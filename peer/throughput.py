@@ -8,11 +8,14 @@ from pathlib import Path
 
 import torch
 
+from peer.threads import use_threads
 from swarm.blocks import BlockSpan
 
 logger = logging.getLogger(__name__)
 
-def measure_throughput(span: BlockSpan, dtype: torch.dtype, tokens: int = 64, repeats: int = 3) -> float:
+def measure_throughput(span: BlockSpan, dtype: torch.dtype, threads: int, tokens: int = 64, repeats: int = 3) -> float:
+    """Tokens/s of a `tokens`-token pass on `threads` threads (run on any thread: it sets its own)."""
+    use_threads(threads)
     device = next(span.parameters()).device
     hidden = torch.randn(1, tokens, span.config.hidden_size, dtype=dtype, device=device)
     position_ids = torch.arange(tokens, device=device)[None]
@@ -43,8 +46,7 @@ class ThroughputCache:
         self.path = path or cache_dir() / "throughput.json"
 
     @staticmethod
-    def key(model_prefix: str, num_blocks: int, device: str, dtype: torch.dtype) -> str:
-        threads = torch.get_num_threads()
+    def key(model_prefix: str, num_blocks: int, device: str, dtype: torch.dtype, threads: int) -> str:
         return f"{model_prefix} blocks={num_blocks} {device} {dtype} threads={threads} torch={torch.__version__}"
 
     def get(self, key: str) -> float | None:

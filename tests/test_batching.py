@@ -130,6 +130,31 @@ def test_runtime_runs_a_lone_session_inline_and_batches_sessions_on_its_thread(t
         torch.testing.assert_close(output, lone, rtol=0, atol=1e-4)
 
 
+def test_runtime_computes_small_passes_on_one_thread_and_large_ones_on_its_budget(tiny_llama, reference):
+    """A decode step of one row runs on one thread; a prefill and a step of 8 rows on the runtime's budget, set on
+    whichever thread computes (OpenMP keeps the setting per thread): the caller's (inline) or the runtime's."""
+    span = BlockSpan.from_checkpoint(Checkpoint(tiny_llama), 0, 4, torch.float32)
+    threads_seen: list[int] = []
+    span.register_forward_hook(lambda *_: threads_seen.append(torch.get_num_threads()))
+    embed = reference.get_input_embeddings()
+    scenario = Scenario(reference, PagedKV(4, num_pages=64, page_size=PAGE_SIZE))
+    runtime = ComputeRuntime(span, scenario.kv, threads=3)
+
+    async def drive() -> None:
+        lone = scenario.open("lone", 1, 16)
+        await runtime.submit_step(_step(lone, torch.arange(3, 13)[None], embed), only_session=True)
+        await runtime.submit_step(_step(lone, torch.tensor([[5]]), embed), only_session=True)
+        wide = scenario.open("wide", 8, 16)
+        await runtime.submit_step(_step(wide, torch.full((8, 1), 7), embed))
+        await runtime.submit_step(_step(lone, torch.tensor([[6]]), embed))
+
+    try:
+        asyncio.run(drive())
+    finally:
+        runtime.shutdown()
+    assert threads_seen == [3, 1, 3, 1]
+
+
 def test_concurrent_clients_get_their_own_tokens(peers, bootstrap, tiny_llama, reference):
     """Clients generating at once on one peer (which batches their steps) each get local `transformers`' tokens."""
     prompts = [torch.arange(3, 3 + length)[None] for length in (3, 8, 5, 12, 6, 9)]
