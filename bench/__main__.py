@@ -32,7 +32,7 @@ def main() -> None:
     parser.add_argument("--only", default=",".join(ALL), help=f"comma-separated subset of {','.join(ALL)}")
     parser.add_argument("--json", default="bench/results.json")
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--new-tokens", type=int, default=64)
+    parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--prefill-tokens", type=int, default=512)
     parser.add_argument("--sessions", type=lambda text: [int(n) for n in text.split(",")], default=[1, 4, 16, 64])
     parser.add_argument("--concurrent-tokens", type=int, default=32)
