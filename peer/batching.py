@@ -9,7 +9,7 @@ import torch
 from peer.adapters import adapter_lora
 from peer.kv_pages import PagedKV, PagedPassCache
 from peer.lora import loras_applied
-from peer.sessions import StepWork
+from peer.sessions import InferenceSessionState, StepWork
 from swarm.blocks import BlockSpan
 
 
@@ -34,14 +34,11 @@ def run_pass(span: BlockSpan, kv: PagedKV, works: list[StepWork], num_tokens: in
             session.mask[:, session.position : session.position + num_tokens] = work.new_mask[:, chunk]
         hidden = _rows([work.hidden_states[:, chunk] for work, chunk in zip(works, chunks)])
         position_ids = _rows([work.position_ids[:, chunk] for work, chunk in zip(works, chunks)])
-        lengths = torch.cat([torch.full((s.batch_size,), s.position) for s in sessions])
-        tables = _padded_rows([s.page_table for s in sessions])
-        cache = PagedPassCache(kv, tables, lengths, num_tokens)
-        masks = _padded_rows([s.mask for s in sessions])
-        attention_mask = masks.gather(1, cache.positions.clamp(min=0)) & (cache.positions >= 0)
         device = next(span.parameters()).device
+        read_slots, attention_mask, past = _cached_rows(kv, sessions, num_tokens)
+        cache = PagedPassCache(kv, read_slots.to(device), past)
         first = sessions[0]
-        deep_prompts = first.deep_prompts_from(int(lengths[0]), num_tokens)  # a session with these runs alone
+        deep_prompts = first.deep_prompts_from(first.position, num_tokens)  # a session with these runs alone
         with loras_applied(span, adapter_lora(first.adapter), (first.lora, first.lora_scaling)):
             output = span(
                 hidden.to(device), position_ids.to(device), attention_mask.to(device), cache=cache, blocks=first.blocks,
@@ -51,6 +48,23 @@ def run_pass(span: BlockSpan, kv: PagedKV, works: list[StepWork], num_tokens: in
         work.outputs.append(rows)
         work.done_tokens += num_tokens
         work.session.position += num_tokens
+
+
+def _cached_rows(
+    kv: PagedKV, sessions: list[InferenceSessionState], num_tokens: int
+) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """The KV slots and the attention mask of every row's tokens so far (the new ones included, their mask set), as
+    a left-padded batch: [rows, past + num_tokens] each, `past` the longest row's cached tokens."""
+    past = max(session.position for session in sessions)
+    total = past + num_tokens
+    slots = [session.slot_table(kv)[:, :total] for session in sessions]
+    masks = [session.mask[:, :total] for session in sessions]
+    if all(session.position == past for session in sessions):  # no padding (one session, or equal lengths)
+        return _rows(slots), _rows(masks), past
+    lengths = torch.tensor([session.position for session in sessions for _ in range(session.batch_size)])
+    positions = torch.arange(total) - (past - lengths)[:, None]  # each row's own position; negative: padding
+    clamped = positions.clamp(min=0)  # padding reads a real slot of its row (finite values), masked out
+    return _padded_rows(slots).gather(1, clamped), _padded_rows(masks).gather(1, clamped) & (positions >= 0), past
 
 
 def _rows(tensors: list[torch.Tensor]) -> torch.Tensor:

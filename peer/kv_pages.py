@@ -29,18 +29,17 @@ class PagedKV:
         return pages * self.page_size + positions % self.page_size
 
     def write(self, block: int, slots: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> None:
-        """Stores `keys`/`values` [rows, heads, n, dim] at `slots` [rows, n]."""
+        """Stores `keys`/`values` [rows, heads, n, dim] at `slots` [rows, n] (on their device)."""
         if self.keys[block] is None:
             self.keys[block] = self._allocate(keys)
             self.values[block] = self._allocate(values)
-        flat = slots.reshape(-1).to(keys.device)
+        flat = slots.reshape(-1)
         self.keys[block].index_copy_(0, flat, keys.transpose(1, 2).flatten(0, 1))
         self.values[block].index_copy_(0, flat, values.transpose(1, 2).flatten(0, 1))
 
     def read(self, block: int, slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Keys and values at `slots` [rows, n] as [rows, heads, n, dim]."""
-        index = slots.to(self.keys[block].device)
-        return self.keys[block][index].transpose(1, 2), self.values[block][index].transpose(1, 2)
+        """Keys and values at `slots` [rows, n] (on their device) as [rows, heads, n, dim]."""
+        return self.keys[block][slots].transpose(1, 2), self.values[block][slots].transpose(1, 2)
 
     def copy(self, source: torch.Tensor, target: torch.Tensor) -> None:
         """Copies every block's entries from slots `source` to slots `target` (beam reordering)."""
@@ -71,20 +70,18 @@ class _PassLayer(DynamicLayer):
 
 
 class PagedPassCache(Cache):
-    """The cache of one batched pass over rows that each add `new_tokens` tokens after their own `lengths[row]`.
+    """The cache of one batched pass whose rows each add the same number of new tokens after their own past.
 
-    `update` stores the new keys and values in the rows' pages and returns every row's keys and values so far,
-    right-aligned in a tensor of `max(lengths) + new_tokens` positions. `positions[row, j]` is the row's own
-    position at padded index j (negative: padding, to be masked).
+    `read_slots` [rows, past + new tokens] are the slots of every row's tokens so far, right-aligned (padded rows
+    point at some real slot of their own, masked out by the caller); the new tokens take the last columns.
+    `update` stores the new keys and values there and returns every row's keys and values so far.
     """
 
-    def __init__(self, kv: PagedKV, tables: torch.Tensor, lengths: torch.Tensor, new_tokens: int):
-        past = int(lengths.max())
+    def __init__(self, kv: PagedKV, read_slots: torch.Tensor, past: int):
         super().__init__(layers=[_PassLayer(past) for _ in kv.keys])
         self.kv = kv
-        self.positions = torch.arange(past + new_tokens) - (past - lengths)[:, None]
-        self.write_slots = kv.slots(tables, self.positions[:, past:])
-        self.read_slots = kv.slots(tables, self.positions.clamp(min=0))
+        self.read_slots = read_slots
+        self.write_slots = read_slots[:, past:]
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
         self.kv.write(layer_idx, self.write_slots, key_states, value_states)

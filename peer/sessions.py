@@ -41,7 +41,15 @@ class InferenceSessionState:
         self.answers = None  # the session's gRPC stream context: every step's answer goes out on it
         self.idle_deadline: asyncio.Timeout | None = None  # while waiting for the client's next message
         self.page_table = torch.tensor(pages, dtype=torch.int64).view(batch_size, -1)  # a row's pages, in order
+        self._slot_table: torch.Tensor | None = None
         self.mask = torch.zeros(batch_size, max_length, dtype=torch.bool)
+
+    def slot_table(self, kv: PagedKV) -> torch.Tensor:
+        """[batch, max_length]: the KV slot of every position of every row (made once: a pass then slices it)."""
+        if self._slot_table is None:
+            positions = torch.arange(self.max_length).expand(self.batch_size, -1)
+            self._slot_table = kv.slots(self.page_table, positions)
+        return self._slot_table
 
     def deep_prompts_from(self, position: int, num_tokens: int) -> torch.Tensor | None:
         """The deep prompts of the `num_tokens` positions from `position` that have one, for every row."""
@@ -55,8 +63,8 @@ class InferenceSessionState:
         if start_position is not None:
             self.position = start_position
         if beam_reorder is not None and self.position > 0:
-            positions = torch.arange(self.position).expand(self.batch_size, -1)
-            kv.copy(kv.slots(self.page_table[beam_reorder], positions), kv.slots(self.page_table, positions))
+            slots = self.slot_table(kv)[:, : self.position]
+            kv.copy(slots[beam_reorder], slots)
             self.mask[:, : self.position] = self.mask[beam_reorder, : self.position]
 
 
