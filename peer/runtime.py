@@ -228,23 +228,12 @@ def _resolve(waiter: _Waiter, result: Any, error: BaseException | None) -> None:
 
 
 def _resolve_all(outcomes: list[tuple[_Waiter, Any, BaseException | None]]) -> None:
-    """Resolves the waiters' futures with one wake-up of each event loop involved (a pass answers many sessions);
-    on the loop's own thread (a step run inline) at once, so that its handler goes on without yielding."""
+    """Resolves the waiters' futures with one wake-up of each event loop involved (a pass answers many sessions)."""
     by_loop: dict[asyncio.AbstractEventLoop, list] = {}
     for waiter, result, error in outcomes:
         by_loop.setdefault(waiter.loop, []).append((waiter.future, result, error))
     for loop, results in by_loop.items():
-        if loop is _running_loop():
-            _set_results(results)
-        else:
-            loop.call_soon_threadsafe(_set_results, results)
-
-
-def _running_loop() -> asyncio.AbstractEventLoop | None:
-    try:
-        return asyncio.get_running_loop()
-    except RuntimeError:  # the compute thread runs no loop
-        return None
+        loop.call_soon_threadsafe(_set_results, results)
 
 
 def _set_results(results: list[tuple[asyncio.Future, Any, BaseException | None]]) -> None:
