@@ -32,6 +32,7 @@ class HopSession:
         self.peer = hop.peer.peer_id
         self.dtype = DTYPES[hop.peer.record.dtype]
         self.session_id = uuid.uuid4().hex
+        self.push_refused = False  # the peer said why it would not push on (logged once)
         self._step_timeout = step_timeout
         self._requests: queue.SimpleQueue = queue.SimpleQueue()
         opening = pb.OpenSession(
@@ -61,7 +62,7 @@ class HopSession:
     @property
     def push_target(self) -> pb.PushTarget:
         """Where the peer before this one in the chain pushes its output."""
-        return pb.PushTarget(address=self.hop.peer.record.address, session_id=self.session_id)
+        return pb.PushTarget(peer_id=self.peer, session_id=self.session_id)
 
     def send(self, hidden_states: torch.Tensor, step_fields: pb.InferenceStep, push_to=()) -> None:
         """Sends the hidden states with `step_fields` (step id, positions, mask, reorder: the same for every hop);
@@ -137,7 +138,7 @@ class InferenceSession:
                 hop = self.remote.view.chain(position, end, cache_tokens=self._batch_size * self.max_length)[0]
                 try:
                     opened.append(HopSession(
-                        self.remote.connections.stub(hop.peer.record.address), hop, self._batch_size,
+                        self.remote.connections.stub(hop.peer), hop, self._batch_size,
                         self.max_length, config.alloc_timeout, config.request_timeout, self.lora, self.lora_scaling,
                         config.active_adapter, self._hop_deep_prompts(hop),
                     ))
@@ -173,7 +174,7 @@ class InferenceSession:
         theirs push the output on to (as far as they take the same dtype, which the pushed activations keep)."""
         hop_session = self._hops[index]
         push_to = []
-        if self.remote.config.peer_to_peer:
+        if self.remote.config.peer_to_peer and not hop_session.push_refused:
             for following in self._hops[index + 1 :]:
                 if following.dtype != hop_session.dtype:
                     break
@@ -194,6 +195,9 @@ class InferenceSession:
                 if not sent:
                     self._send(index, hidden_states, step_fields)
                 result = self._hops[index].receive(step_fields.step_id)
+                if result.push_error and not self._hops[index].push_refused:  # relayed by us from now on
+                    logger.warning(f"peer {self._hops[index].peer} refused to push: {result.push_error}")
+                    self._hops[index].push_refused = True
                 self._history[index].append((hidden_states, step_fields))
                 return tensors.decode(result.hidden_states), result.pushed
             except RemoteError as error:

@@ -85,11 +85,13 @@ class RemoteSequential(nn.Module):
         same blocks (requests are stateless, so any replica can answer). Returns (response, hop that answered)."""
         for attempt in range(self.config.max_retries + 1):
             try:
-                return self._send(self.connections.stub(hop.peer.record.address), method, request), hop
+                return self._send(self.connections.stub(hop.peer), method, request), hop
             except grpc.RpcError as error:
                 failure = RemoteError(hop.peer.peer_id, error.code().name, error.details() or "")
             except ChunkedMessageError as error:
                 failure = RemoteError(hop.peer.peer_id, "PROTOCOL", str(error))
+            except RemoteError as error:  # nothing to dial (see PeerConnections.stub)
+                failure = error
             if failure.code not in RETRYABLE or attempt == self.config.max_retries:
                 raise failure
             self.view.handle_failure(failure, attempt)

@@ -38,6 +38,10 @@ RTT_TTL = 30.0
 UNREACHABLE = 1e3
 
 
+def _where(span: PeerSpan) -> str:
+    return f"relay {span.record.relay}" if span.record.relay else span.record.address
+
+
 class SwarmView:
     def __init__(
         self,
@@ -134,7 +138,7 @@ class SwarmView:
         spans = with_cache_room(spans, start, end, cache_tokens)
         chain = lowest_cost_chain(spans, start, end, self._step_cost, self.model_prefix)
         route = " -> ".join(
-            f"{hop.peer.record.public_name or hop.peer.peer_id[:10]}@{hop.peer.record.address}[{hop.start}:{hop.end})"
+            f"{hop.peer.record.public_name or hop.peer.peer_id[:10]}@{_where(hop.peer)}[{hop.start}:{hop.end})"
             for hop in chain
         )
         logger.log(logging.WARNING if self.config.show_route else logging.DEBUG, f"route: {route}")
@@ -143,7 +147,8 @@ class SwarmView:
     def _step_cost(self, span: PeerSpan, start: int, end: int) -> float:
         """Seconds one inference step through blocks [start, end) of this peer is expected to take."""
         compute = (end - start) / (span.end - span.start) / max(span.record.throughput, 1e-3)
-        return HOP_PENALTY + self.round_trip(span) + compute
+        relay_hop = HOP_PENALTY if span.record.relay else 0.0  # measured round trips include it; ties go direct
+        return HOP_PENALTY + relay_hop + self.round_trip(span) + compute
 
     def round_trip(self, span: PeerSpan) -> float:
         """Measured (and cached) time of an Info call to the peer; an unreachable peer costs UNREACHABLE."""
@@ -155,9 +160,9 @@ class SwarmView:
     def _measure_round_trip(self, span: PeerSpan) -> float:
         started = time.perf_counter()
         try:
-            self.connections.stub(span.record.address).Info(pb.InfoRequest(), timeout=self.config.ping_timeout)
+            self.connections.stub(span).Info(pb.InfoRequest(), timeout=self.config.ping_timeout)
             rtt = time.perf_counter() - started
-        except grpc.RpcError:
+        except (grpc.RpcError, RemoteError):
             rtt = UNREACHABLE
         self._rtts[span.peer_id] = (rtt, time.monotonic())
         return rtt

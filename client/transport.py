@@ -1,31 +1,39 @@
-"""gRPC channels to peers, one per address, and conversion of gRPC failures into RemoteError."""
+"""gRPC channels to peers, one per announced endpoint, and conversion of gRPC failures into RemoteError."""
 
 import threading
 import time
 
 import grpc
 
+from swarm.dht_records import PeerSpan
 from swarm.errors import RemoteError
+from swarm.net.endpoints import Endpoint, secure_channel
 from swarm.wire import swarm_peer_pb2_grpc as pb_grpc
 
 
 class PeerConnections:
+    """One TLS channel per announced peer endpoint (pinned to its certificate; direct or through its relay)."""
+
     def __init__(self, max_message_bytes: int):
         self._options = [
             ("grpc.max_receive_message_length", max_message_bytes),
             ("grpc.max_send_message_length", max_message_bytes),
         ]
-        self._stubs: dict[str, pb_grpc.SwarmPeerStub] = {}
+        self._stubs: dict[Endpoint, pb_grpc.SwarmPeerStub] = {}
         self._channels: list[grpc.Channel] = []
         self._lock = threading.Lock()
 
-    def stub(self, address: str) -> pb_grpc.SwarmPeerStub:
+    def stub(self, peer: PeerSpan) -> pb_grpc.SwarmPeerStub:
+        endpoint = peer.endpoint
         with self._lock:
-            if address not in self._stubs:
-                channel = grpc.insecure_channel(address, options=self._options)
+            if endpoint not in self._stubs:
+                try:
+                    channel = secure_channel(endpoint, self._options)
+                except ValueError as error:  # a record without certificate or address: nothing to dial
+                    raise RemoteError(peer.peer_id, "UNAVAILABLE", str(error)) from None
                 self._channels.append(channel)
-                self._stubs[address] = pb_grpc.SwarmPeerStub(channel)
-            return self._stubs[address]
+                self._stubs[endpoint] = pb_grpc.SwarmPeerStub(channel)
+            return self._stubs[endpoint]
 
     def close(self) -> None:
         with self._lock:

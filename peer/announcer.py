@@ -9,6 +9,7 @@ from hivemind.utils import get_dht_time
 
 from swarm.constants import MODEL_INDEX_KEY
 from swarm.dht_records import ServerRecord, block_key
+from swarm.net.reachability import RENDEZVOUS_KEY
 
 logger = logging.getLogger(__name__)
 
@@ -24,9 +25,11 @@ class Announcer:
         model_info: dict,
         record: Callable[[], ServerRecord],
         period: float,
+        rendezvous: Callable[[], dict | None] = lambda: None,
     ):
         self.dht, self.subkey, self.model_prefix, self.model_info = dht, subkey, model_prefix, model_info
         self.record, self.period = record, period
+        self.rendezvous = rendezvous  # what we offer others (dial-backs, a relay), if anything
         self._wake = asyncio.Event()
         self._announced_blocks: set[int] = set()
 
@@ -41,13 +44,15 @@ class Announcer:
         blocks = set(range(record.start_block, record.end_block))
         keys = [block_key(self.model_prefix, block) for block in sorted(blocks | self._announced_blocks)]
         self._announced_blocks = blocks
-        value = record.to_dict()
-        await asyncio.get_running_loop().run_in_executor(None, self._store, keys, value, expiration_time)
+        values = {key: record.to_dict() for key in keys}
+        if (rendezvous := self.rendezvous()) is not None:
+            values[RENDEZVOUS_KEY] = rendezvous
+        await asyncio.get_running_loop().run_in_executor(None, self._store, values, expiration_time)
 
-    def _store(self, keys: list[str], value: dict, expiration_time: float) -> None:
+    def _store(self, values: dict[str, dict], expiration_time: float) -> None:
         futures = [
             self.dht.store(key, subkey=self.subkey, value=value, expiration_time=expiration_time, return_future=True)
-            for key in keys
+            for key, value in values.items()
         ]
         futures.append(
             self.dht.store(

@@ -8,6 +8,7 @@ import threading
 
 import click
 
+from swarm.net.addresses import AddressError
 from swarm.constants import DEFAULT_ANNOUNCE_PERIOD, DEFAULT_BANDWIDTH_MBPS, DEFAULT_MAX_MESSAGE_BYTES
 
 
@@ -25,9 +26,18 @@ def _parse_blocks(_ctx, _param, value: str | None) -> tuple[int, int] | None:
 
 _PEER_OPTIONS = [
     click.option("--initial-peers", multiple=True, help="Multiaddr of a DHT node of the swarm (repeatable)."),
-    click.option("--host", default="127.0.0.1", show_default=True, help="Address the data plane listens on."),
-    click.option("--port", default=0, show_default=True, help="gRPC port (0: any free port)."),
-    click.option("--announce-host", help="Address others should use to reach this peer (default: --host)."),
+    click.option("--host", help="Address the data plane and the DHT node listen on (default: every interface; "
+                 "loopback when every initial peer is on loopback, a swarm on this machine)."),
+    click.option("--port", default=0, show_default=True, help="Data-plane (gRPC over TLS) port (0: any free port)."),
+    click.option("--dht-port", default=0, show_default=True, help="The DHT node's TCP port (0: any free port); fix "
+                 "it, and --port, to forward them on a home router."),
+    click.option("--announce-host", help="Address others reach this peer at (default: found out, by asking the "
+                 "swarm to dial this peer back)."),
+    click.option("--announce-port", type=int, help="Port others reach the data plane at (default: --port), e.g. "
+                 "a router's forwarded port."),
+    click.option("--relay/--no-relay", default=True, show_default=True, help="When reachable, relay for peers "
+                 "behind NAT and dial back starting peers."),
+    click.option("--relay-port", default=0, show_default=True, help="TCP port of the relay (0: any free port)."),
     click.option("--cache-tokens", default=8192, show_default=True, help="KV-cache pool size, in tokens of the span."),
     click.option("--announce-period", default=DEFAULT_ANNOUNCE_PERIOD, show_default=True,
                  help="Seconds between DHT announcements."),
@@ -54,16 +64,21 @@ def peer_options(command):
 
 
 def run_peer(model_path: str, blocks, num_blocks: int | None, device: str, dtype: str, initial_peers, host, port,
-             announce_host, cache_tokens, announce_period, session_timeout, max_message_mb, public_name, num_threads,
-             balance_period, bandwidth_mbps, identity_path, adapters) -> None:
+             dht_port, announce_host, announce_port, relay, relay_port, cache_tokens, announce_period, session_timeout,
+             max_message_mb, public_name, num_threads, balance_period, bandwidth_mbps, identity_path, adapters) -> None:
     """Runs a peer until SIGINT/SIGTERM."""
     import uvloop
 
+    from peer.network import NetworkOptions
     from peer.server import Peer, PeerConfig
 
+    network = NetworkOptions(
+        initial_peers=list(initial_peers), host=host, port=port, dht_port=dht_port, announce_host=announce_host,
+        announce_port=announce_port, relay=relay, relay_port=relay_port,
+    )
     config = PeerConfig(
-        model_path=model_path, initial_peers=list(initial_peers), blocks=blocks, num_blocks=num_blocks,
-        device=device, dtype=dtype, host=host, port=port, announce_host=announce_host, cache_tokens=cache_tokens,
+        model_path=model_path, blocks=blocks, num_blocks=num_blocks,
+        device=device, dtype=dtype, network=network, cache_tokens=cache_tokens,
         announce_period=announce_period, session_idle_timeout=session_timeout,
         max_message_bytes=max_message_mb * 2**20, public_name=public_name, balance_period=balance_period,
         bandwidth_mbps=bandwidth_mbps, identity_path=identity_path, adapters=tuple(adapters), num_threads=num_threads,
@@ -73,7 +88,10 @@ def run_peer(model_path: str, blocks, num_blocks: int | None, device: str, dtype
     except (ValueError, FileNotFoundError) as error:  # a bad checkpoint folder or span: say so, no traceback
         raise click.ClickException(str(error)) from None
     uvloop.install()
-    asyncio.run(peer.run())
+    try:
+        asyncio.run(peer.run())
+    except (ConnectionError, AddressError) as error:  # unreachable and no relay, or a malformed address
+        raise click.ClickException(str(error)) from None
 
 
 @click.group()
@@ -83,17 +101,22 @@ def main() -> None:
 
 
 @main.command()
-@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
+@click.option("--host", default="0.0.0.0", show_default=True, help="Address to listen on.")
 @click.option("--port", default=0, show_default=True, help="TCP port for the DHT (0: any free port).")
-def bootstrap(host: str, port: int) -> None:
-    """Start a DHT node that others join with --initial-peers; prints its multiaddrs."""
-    from swarm.identity import swarm_dht
+@click.option("--announce-host", help="Address others reach this node at (default: its first non-loopback one).")
+@click.option("--rpc-port", default=0, show_default=True, help="Port of the dial-back service (0: any free port).")
+@click.option("--relay-port", default=0, show_default=True, help="Port of the relay (0: any free port).")
+@click.option("--identity-path", type=click.Path(dir_okay=False), help="File with this node's private key "
+              "(created if missing).")
+def bootstrap(host: str, port: int, announce_host: str | None, rpc_port: int, relay_port: int, identity_path) -> None:
+    """Start a DHT node that others join with --initial-peers (prints its multiaddrs); it also tells starting
+    peers whether they are reachable and relays for those behind NAT."""
+    import uvloop
 
-    dht, _ = swarm_dht(start=True, host_maddrs=[f"/ip4/{host}/tcp/{port}"])
-    for address in dht.get_visible_maddrs():
-        print(f"--initial-peers {address}", flush=True)
-    _wait_for_signal()
-    dht.shutdown()
+    from peer.bootstrap import run_bootstrap
+
+    uvloop.install()
+    asyncio.run(run_bootstrap(host, port, announce_host, rpc_port, relay_port, identity_path))
     print("bootstrap node stopped", flush=True)
 
 

@@ -8,6 +8,7 @@ import grpc
 import torch
 
 from peer.adapters import HostedAdapter
+from peer.directory import PeerDirectory, PushRefused
 from peer.memory_pool import CacheExhaustedError, CachePool
 from peer.push import PushSender
 from peer.runtime import PREFILL_CHUNK, ComputeRuntime
@@ -51,8 +52,10 @@ class SwarmPeerServicer(pb_grpc.SwarmPeerServicer):
         session_idle_timeout: float,
         on_cache_change: Callable[[], None] = lambda: None,
         adapters: dict[str, HostedAdapter] | None = None,
+        directory: PeerDirectory | None = None,
     ):
         self.span, self.dtype, self.model_prefix = span, dtype, model_prefix
+        self.directory = directory or PeerDirectory(list)
         self.adapters = adapters or {}
         self.runtime, self.pool = runtime, pool
         self.max_message_bytes = max_message_bytes
@@ -250,10 +253,22 @@ class SwarmPeerServicer(pb_grpc.SwarmPeerServicer):
             # The push goes first: the next peer's compute is what the client waits for, not this answer. The next
             # peer takes this peer's dtype (the client pushes no further), which a block may have left.
             passed_on = encoded if output.dtype == self.dtype else tensors.encode(output.to(self.dtype))
-            pushed = bool(step.push_to) and await self.pusher.push(step.push_to[0], _next_hop_step(step, passed_on))
+            pushed, push_error = await self._push_on(session, step, passed_on) if step.push_to else (False, "")
             await context.write(pb.InferenceResponse(result=pb.StepResult(
                 step_id=step.step_id, hidden_states=encoded, position=session.position, pushed=pushed,
+                push_error=push_error,
             )))
+
+    async def _push_on(self, session: InferenceSessionState, step: pb.InferenceStep, output: pb.Tensor) -> tuple[bool, str]:
+        """Pushes the step's output to the first of its push targets, if the swarm announces that peer for the
+        block after the session's; (pushed, why it was refused)."""
+        target = step.push_to[0]
+        try:
+            next_peer = await self.directory.next_hop(target.peer_id, session.end_block)
+        except PushRefused as error:
+            logger.warning(f"session {session.session_id}: {error}; nothing dialled")
+            return False, str(error)
+        return await self.pusher.push(next_peer.endpoint, _next_hop_step(step, output)), ""
 
     def _decode_step(self, session: InferenceSessionState, step: pb.InferenceStep) -> StepWork:
         start_position = step.start_position if step.has_start_position else None

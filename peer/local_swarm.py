@@ -15,6 +15,8 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
+from swarm.net.endpoints import Endpoint
+
 START_TIMEOUT = 120.0
 
 
@@ -71,16 +73,40 @@ def spawn_cli(*args: str, module: str = "peer.cli") -> SwarmProcess:
     return SwarmProcess(process)
 
 
-def start_bootstrap() -> tuple[SwarmProcess, str]:
-    node = spawn_cli("bootstrap")
-    return node, node.wait_for_line(r"--initial-peers (\S+)").group(1)
+def start_bootstrap(*args: str, spawn=None) -> tuple[SwarmProcess, str]:
+    """A bootstrap node on loopback (or where `args` say); returns it and its first multiaddr."""
+    node = (spawn or spawn_cli)("bootstrap", *(args or ("--host", "127.0.0.1")))
+    address = node.wait_for_line(r"--initial-peers (\S+)").group(1)
+    node.wait_for_line(r"dial-back at")
+    return node, address
+
+
+ONLINE_LINE = r"peer (\S+) online: blocks (\d+):\d+ of (\S+) .* (?:at|via relay) (\S+), (\w+),"
 
 
 @dataclass
 class PeerHandle:
     process: SwarmProcess
     peer_id: str
-    address: str
+    address: str  # host:port, or the relay's when `reachability` is "relayed"
+    model_prefix: str = ""
+    start_block: int = 0
+    reachability: str = "local"
+
+    @classmethod
+    def from_online_line(cls, process: SwarmProcess, timeout: float = START_TIMEOUT) -> "PeerHandle":
+        match = process.wait_for_line(ONLINE_LINE, timeout)
+        peer_id, start, prefix, address, reachability = match.groups()
+        return cls(process, peer_id, address, prefix, int(start), reachability)
+
+    def endpoint(self, dht) -> Endpoint:
+        """Where and who the peer is, as its signed record in the DHT says (for raw channels in tests and benches)."""
+        from swarm.dht_records import fetch_peer_record
+
+        span = fetch_peer_record(dht, self.model_prefix, self.start_block, self.peer_id)
+        if span is None:
+            raise LookupError(f"peer {self.peer_id} has no valid record at block {self.start_block}")
+        return span.endpoint
 
 
 def start_peers(model_path: str, initial_peer: str, spans: list[str], *extra: str, module: str = "peer.cli") -> list[PeerHandle]:
@@ -92,11 +118,7 @@ def start_peers(model_path: str, initial_peer: str, spans: list[str], *extra: st
         )
         for span in spans
     ]
-    handles = []
-    for process in processes:
-        match = process.wait_for_line(r"peer (\S+) online: .* at (\S+),")
-        handles.append(PeerHandle(process, match.group(1), match.group(2)))
-    return handles
+    return [PeerHandle.from_online_line(process) for process in processes]
 
 
 @contextlib.contextmanager

@@ -6,6 +6,7 @@ import time
 import grpc
 
 from swarm.dht_records import PeerSpan
+from swarm.net.endpoints import Endpoint, aio_secure_channel
 from swarm.wire import swarm_peer_pb2 as pb
 from swarm.wire import swarm_peer_pb2_grpc as pb_grpc
 
@@ -13,9 +14,13 @@ MAX_PINGED = 5
 PING_TIMEOUT = 2.0
 
 
-async def ping(address: str) -> float | None:
+async def ping(endpoint: Endpoint) -> float | None:
     """Seconds for an Info round trip on a warm connection (the first call pays for connecting), None if down."""
-    async with grpc.aio.insecure_channel(address) as channel:
+    try:
+        channel = aio_secure_channel(endpoint)
+    except ValueError:  # announced no certificate or address
+        return None
+    async with channel:
         stub = pb_grpc.SwarmPeerStub(channel)
         try:
             await stub.Info(pb.InfoRequest(), timeout=PING_TIMEOUT)
@@ -29,5 +34,5 @@ async def ping(address: str) -> float | None:
 async def ping_successors(spans: list[PeerSpan], own_id: str, end_block: int) -> dict[str, float]:
     """Pings (at most MAX_PINGED of) the peers that hold block `end_block`, where a chain through us goes next."""
     successors = [span for span in spans if span.peer_id != own_id and span.start <= end_block < span.end][:MAX_PINGED]
-    rtts = await asyncio.gather(*(ping(span.record.address) for span in successors))
+    rtts = await asyncio.gather(*(ping(span.endpoint) for span in successors))
     return {span.peer_id: rtt for span, rtt in zip(successors, rtts) if rtt is not None}

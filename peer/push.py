@@ -1,5 +1,8 @@
 """Steps pushed straight to the next peer of a chain: a decode step then crosses each link once, instead of going
-back to the client and out again (one network hop and one client wake-up less per peer)."""
+back to the client and out again (one network hop and one client wake-up less per peer).
+
+A push goes only to a peer that the swarm's records announce for the next block, over TLS pinned to its announced
+certificate, directly or through its relay (see peer.directory and swarm.net.endpoints)."""
 
 import asyncio
 import logging
@@ -7,6 +10,7 @@ import time
 
 import grpc
 
+from swarm.net.endpoints import Endpoint, aio_secure_channel
 from swarm.wire import swarm_peer_pb2 as pb
 from swarm.wire import swarm_peer_pb2_grpc as pb_grpc
 
@@ -29,37 +33,36 @@ class _PushStream:
 
 
 class PushSender:
-    """Keeps a push stream per next peer; call from the peer's event loop."""
+    """Keeps a push stream per next peer (by its announced endpoint); call from the peer's event loop."""
 
     def __init__(self, max_message_bytes: int):
         self._options = [("grpc.max_send_message_length", max_message_bytes)]
-        self._streams: dict[str, _PushStream] = {}
-        self._unreachable_until: dict[str, float] = {}
+        self._streams: dict[Endpoint, _PushStream] = {}
+        self._unreachable_until: dict[Endpoint, float] = {}
 
-    async def push(self, target: pb.PushTarget, step: pb.InferenceStep) -> bool:
-        """Sends `step` to `target`'s peer; False if it could not be handed over (the caller's client sends it)."""
-        address = target.address
-        if self._unreachable_until.get(address, 0.0) > time.monotonic():
+    async def push(self, endpoint: Endpoint, step: pb.InferenceStep) -> bool:
+        """Sends `step` to the peer at `endpoint`; False if it could not be handed over (the caller's client sends it)."""
+        if self._unreachable_until.get(endpoint, 0.0) > time.monotonic():
             return False
-        stream = self._streams.get(address)
+        stream = self._streams.get(endpoint)
         if stream is None:
-            stream = self._streams[address] = _PushStream(grpc.aio.insecure_channel(address, options=self._options))
+            stream = self._streams[endpoint] = _PushStream(aio_secure_channel(endpoint, self._options))
         try:
             async with stream.lock, asyncio.timeout(PUSH_TIMEOUT):
                 await stream.call.write(step)
             return True
         except (grpc.RpcError, asyncio.InvalidStateError, TimeoutError) as error:
-            logger.info(f"cannot push to {address}, its steps go through the client for a while: {error!r}")
-            self._unreachable_until[address] = time.monotonic() + UNREACHABLE_SECONDS
-            await self._drop(address)
+            logger.info(f"cannot push to {endpoint.describe()}, its steps go through the client for a while: {error!r}")
+            self._unreachable_until[endpoint] = time.monotonic() + UNREACHABLE_SECONDS
+            await self._drop(endpoint)
             return False
 
-    async def _drop(self, address: str) -> None:
-        stream = self._streams.pop(address, None)
+    async def _drop(self, endpoint: Endpoint) -> None:
+        stream = self._streams.pop(endpoint, None)
         if stream is not None:
             stream.call.cancel()
             await stream.channel.close()
 
     async def close(self) -> None:
-        for address in list(self._streams):
-            await self._drop(address)
+        for endpoint in list(self._streams):
+            await self._drop(endpoint)

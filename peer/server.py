@@ -5,14 +5,18 @@ import logging
 import random
 import signal
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import grpc
 import torch
+from hivemind.dht.crypto import RSASignatureValidator
 from hivemind.utils import get_dht_time
+from hivemind.utils.crypto import RSAPrivateKey
 
 from peer.adapters import AdapterError, HostedAdapter, load_adapter, parse_adapter_option
 from peer.announcer import Announcer
+from peer.directory import PeerDirectory
+from peer.network import HelperServices, NetworkOptions, plan_network, wait_registered
 from peer.block_selection import DEFAULT_MARGIN, better_start, choose_start, planned_spans
 from peer.handler import SwarmPeerServicer
 from peer.kv_pages import PAGE_SIZE, PagedKV
@@ -26,7 +30,10 @@ from swarm.constants import DEFAULT_BANDWIDTH_MBPS, PROTOCOL_VERSION
 from swarm.coverage import block_throughputs
 from swarm.dht_records import PeerSpan, ServerRecord, ServerState, fetch_peer_spans
 from swarm.families import family_for
-from swarm.identity import identity_of, load_or_create_key, own_subkey, swarm_dht
+from swarm.identity import identity_of, load_or_create_key, own_subkey
+from swarm.net.addresses import join_host_port, split_host_port
+from swarm.net.endpoints import server_credentials
+from swarm.net.tls import TLSIdentity
 from swarm.tensors import DTYPE_NAMES
 from swarm.wire import swarm_peer_pb2_grpc as pb_grpc
 
@@ -36,14 +43,11 @@ logger = logging.getLogger(__name__)
 @dataclass
 class PeerConfig:
     model_path: str
-    initial_peers: list[str]
     blocks: tuple[int, int] | None  # None: choose `num_blocks` where the swarm needs them most
     num_blocks: int | None
     device: str = "cpu"
     dtype: str = "auto"
-    host: str = "127.0.0.1"
-    port: int = 0
-    announce_host: str | None = None
+    network: NetworkOptions = field(default_factory=lambda: NetworkOptions([]))
     cache_tokens: int = 8192
     announce_period: float = 30.0
     session_idle_timeout: float = 300.0
@@ -93,21 +97,28 @@ class Peer:
         started = time.perf_counter()
         config = self.config
         loop = asyncio.get_running_loop()
-        key = load_or_create_key(config.identity_path) if config.identity_path else None
-        self.dht, validator = swarm_dht(
-            key, initial_peers=config.initial_peers, start=True, host_maddrs=[f"/ip4/{config.host}/tcp/0"]
-        )
-        self.identity = identity_of(validator.local_public_key)
+        key = load_or_create_key(config.identity_path) if config.identity_path else RSAPrivateKey()
+        self.identity = identity_of(RSASignatureValidator(key).local_public_key)
+        self.tls = TLSIdentity(key, self.identity)
+        self.network = await plan_network(config.network, key, self.tls)
+        for note in self.network.notes:
+            print(note, flush=True)
+        self.dht = self.network.dht
         self.start, self.end = config.blocks or await loop.run_in_executor(None, self._choose_blocks)
         self.throughput = self.throughputs.get(self._throughput_key()) or 0.0  # known before loading if measured once
-        self.announcer = Announcer(self.dht, own_subkey(validator), self.model_prefix, self._model_info(), self._record, config.announce_period)
+        self.helpers = HelperServices() if self.network.helps_others else None
+        self.announcer = Announcer(
+            self.dht, own_subkey(RSASignatureValidator(key)), self.model_prefix, self._model_info(), self._record,
+            config.announce_period, rendezvous=self._rendezvous_record,
+        )
         await self.announcer.announce()  # joining
         self.span = await self._load(self.start)
         pool = CachePool(-(-config.cache_tokens // PAGE_SIZE), PAGE_SIZE)
+        self.directory = PeerDirectory(self._swarm)
         self.servicer = SwarmPeerServicer(
             self.span, self.dtype, self.model_prefix, self._new_runtime(self.span), pool,
             config.max_message_bytes, config.session_idle_timeout, on_cache_change=self.announcer.announce_soon,
-            adapters=self._load_adapters(self.span),
+            adapters=self._load_adapters(self.span), directory=self.directory,
         )
         server = grpc.aio.server(
             options=[
@@ -117,18 +128,28 @@ class Peer:
             ]
         )
         pb_grpc.add_SwarmPeerServicer_to_server(self.servicer, server)
-        port = server.add_insecure_port(f"{config.host}:{config.port}")
+        if self.helpers is not None:
+            self.helpers.add_to(server)
+        listen = join_host_port(self.network.listen_host, self.network.port)
+        server.add_secure_port(listen, server_credentials(self.tls.certificate, self.tls.private_key_pem))
         await server.start()
-        self.address = f"{config.announce_host or config.host}:{port}"
+        background = [asyncio.create_task(self._ping_forever())]
+        if self.helpers is not None:
+            await self.helpers.start(self.network.listen_host, config.network.relay_port, split_host_port(self.network.address)[0])
+        if self.network.relay_listener is not None:
+            background.append(asyncio.create_task(self.network.relay_listener.run()))
+            await wait_registered(self.network.relay_listener)
+        self.address = self.network.address
         self.state = ServerState.ONLINE
         await self.announcer.announce()  # online before we say so, so that whoever waits for this line finds us
-        background = [asyncio.create_task(self.announcer.run()), asyncio.create_task(self._ping_forever())]
+        background.append(asyncio.create_task(self.announcer.run()))
         if config.blocks is None:
             background.append(asyncio.create_task(self._balance_forever()))
+        where = f"via relay {self.network.relay}" if self.network.relay else f"at {self.address}"
         print(
             f"peer {self.identity} online: blocks {self.start}:{self.end} of {self.model_prefix} "
-            f"({DTYPE_NAMES[self.dtype]}, {self.throughput:.0f} tokens/s) at {self.address}, "
-            f"ready in {time.perf_counter() - started:.1f}s",
+            f"({DTYPE_NAMES[self.dtype]}, {self.throughput:.0f} tokens/s) {where}, "
+            f"{self.network.reachability}, ready in {time.perf_counter() - started:.1f}s",
             flush=True,
         )
         for signum in (signal.SIGINT, signal.SIGTERM):
@@ -142,9 +163,19 @@ class Peer:
         await self.announcer.announce()  # same lifetime as before: the DHT keeps the record that expires last
         await server.stop(grace=5)
         await self.servicer.pusher.close()
+        if self.network.relay_listener is not None:
+            await self.network.relay_listener.close()
+        if self.helpers is not None:
+            await self.helpers.stop()
         self.servicer.runtime.shutdown()
         self.dht.shutdown()
         print("stopped", flush=True)
+
+    def _rendezvous_record(self) -> dict | None:
+        """Dial-backs and relaying we offer others, announced while we are online and reachable."""
+        if self.helpers is None or self.state != ServerState.ONLINE:
+            return None
+        return self.helpers.record(self.identity, self.address, self.tls.certificate).to_dict()
 
     async def _load(self, start: int) -> BlockSpan:
         """Loads blocks [start, start + span length) and measures them unless this setting was measured before."""
@@ -187,6 +218,8 @@ class Peer:
             next_pings=self.next_pings,
             moving_to=self.moving_to,
             started_at=self.started_at,
+            certificate=self.tls.certificate,
+            relay=self.network.relay,
         )
 
     def _model_info(self) -> dict:
@@ -209,6 +242,7 @@ class Peer:
         loop = asyncio.get_running_loop()
         while True:
             spans = await loop.run_in_executor(None, self._swarm)
+            self.directory.update(spans)
             self.next_pings = await ping_successors(spans, self.identity, self.end)
             await asyncio.sleep(self.config.announce_period)
 

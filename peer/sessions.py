@@ -31,6 +31,7 @@ class InferenceSessionState:
         self.adapter = adapter
         self.deep_prompts = deep_prompts  # [blocks, prefix, hidden], added at cache positions < prefix
         self.span_start = span_start
+        self.end_block = end  # the first block after the session's: where its pushes may go
         self.blocks = slice(start - span_start, end - span_start)
         self.batch_size, self.max_length = batch_size, max_length
         self.position = 0

@@ -12,4 +12,8 @@ if ! command -v chromium > /dev/null; then
         echo "chromium is missing (apt-get install chromium): the dashboard test will fail" >&2
     fi
 fi
+# The network test bed (tests/netbed) builds NAT routers with nftables.
+if ! command -v nft > /dev/null && [ "$(id -u)" = 0 ]; then
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nftables > /dev/null
+fi
 exec python -m pytest -q -p no:cacheprovider "$@"

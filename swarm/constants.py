@@ -1,6 +1,6 @@
 """Numbers both sides agree on."""
 
-PROTOCOL_VERSION = "2"
+PROTOCOL_VERSION = "3"
 
 # gRPC refuses messages above this size on both sides; larger payloads are a client error.
 DEFAULT_MAX_MESSAGE_BYTES = 64 * 1024 * 1024

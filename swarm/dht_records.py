@@ -9,7 +9,9 @@ from enum import IntEnum
 from typing import Any
 
 from swarm.constants import MODEL_INDEX_KEY
-from swarm.identity import identity_from_subkey
+from swarm.identity import identity_from_subkey, owner_public_key
+from swarm.net.endpoints import Endpoint
+from swarm.net.tls import certificate_matches
 
 
 class ServerState(IntEnum):
@@ -23,7 +25,7 @@ class ServerRecord:
     state: ServerState
     start_block: int
     end_block: int
-    address: str  # host:port of the peer's gRPC data plane
+    address: str  # host:port of the peer's gRPC data plane; "" when only its relay reaches it
     dtype: str
     version: str
     throughput: float = 0.0  # tokens/s the peer computes through its span
@@ -34,6 +36,8 @@ class ServerRecord:
     next_pings: dict[str, float] = field(default_factory=dict)  # round trip (s) to peers serving its end block
     moving_to: int | None = None  # first block of the span it is loading to move there (load balancing)
     started_at: float = 0.0  # DHT time this run of the peer started: a restart under the same identity is a new peer
+    certificate: bytes = b""  # the peer's TLS certificate (PEM), made from the key that signs this record
+    relay: str = ""  # host:port of the relay that reaches the peer, when it is behind NAT
 
     @property
     def effective_throughput(self) -> float:
@@ -65,6 +69,8 @@ class ServerRecord:
                 next_pings={str(k): float(v) for k, v in dict(record.get("next_pings", {})).items()},
                 moving_to=None if record.get("moving_to") is None else int(record["moving_to"]),
                 started_at=float(record.get("started_at", 0.0)),
+                certificate=bytes(record.get("certificate", b"")),
+                relay=str(record.get("relay", "")),
             )
         except (KeyError, TypeError, ValueError, AttributeError):
             return None
@@ -89,6 +95,24 @@ class PeerSpan:
     def end(self) -> int:
         return self.record.end_block
 
+    @property
+    def endpoint(self) -> Endpoint:
+        return Endpoint(self.peer_id, self.record.certificate, self.record.address, self.record.relay)
+
+
+def _valid_records(entry, num_blocks: int):
+    """(peer id, expiration, record) of each well-formed, properly signed announcement in a block key's entry."""
+    if entry is None or not isinstance(entry.value, dict):
+        return
+    for subkey, item in entry.value.items():
+        peer_id = identity_from_subkey(subkey)  # unsigned records, or ones claiming another's identity: ignored
+        record = ServerRecord.from_dict(item.value)
+        if peer_id is None or record is None or not 0 <= record.start_block < record.end_block <= num_blocks:
+            continue
+        if not certificate_matches(record.certificate, owner_public_key(subkey)):
+            continue  # a certificate not made from the signing key: whoever answers there is not this peer
+        yield peer_id, item.expiration_time, record
+
 
 def fetch_peer_spans(dht, model_prefix: str, num_blocks: int, states=(ServerState.ONLINE,)) -> list[PeerSpan]:
     """Every peer announcing blocks of the model in one of `states`, read from the DHT (one lookup per block).
@@ -99,18 +123,18 @@ def fetch_peer_spans(dht, model_prefix: str, num_blocks: int, states=(ServerStat
     futures = [dht.get(block_key(model_prefix, block), latest=True, return_future=True) for block in range(num_blocks)]
     newest: dict[str, tuple[float, ServerRecord]] = {}
     for future in futures:
-        entry = future.result()
-        if entry is None or not isinstance(entry.value, dict):
-            continue
-        for subkey, item in entry.value.items():
-            peer_id = identity_from_subkey(subkey)  # unsigned records, or ones claiming another's identity: ignored
-            record = ServerRecord.from_dict(item.value)
-            if peer_id is None or record is None or not 0 <= record.start_block < record.end_block <= num_blocks:
-                continue
-            if peer_id not in newest or item.expiration_time > newest[peer_id][0]:
-                newest[peer_id] = (item.expiration_time, record)
+        for peer_id, expiration_time, record in _valid_records(future.result(), num_blocks):
+            if peer_id not in newest or expiration_time > newest[peer_id][0]:
+                newest[peer_id] = (expiration_time, record)
     spans = [PeerSpan(peer_id, record) for peer_id, (_, record) in newest.items() if record.state in states]
     return sorted(spans, key=lambda span: (span.start, span.peer_id))
+
+
+def fetch_peer_record(dht, model_prefix: str, block: int, peer_id: str) -> PeerSpan | None:
+    """One peer's announcement under `block`, if it is there and valid (whatever its state)."""
+    entry = dht.get(block_key(model_prefix, block), latest=True)
+    records = [record for found, _, record in _valid_records(entry, MAX_MODEL_BLOCKS) if found == peer_id]
+    return PeerSpan(peer_id, records[0]) if records else None
 
 
 MAX_MODEL_BLOCKS = 4096

@@ -55,6 +55,14 @@ def identity_from_subkey(subkey: object) -> str | None:
     return claimed if claimed == identity_of(marker) else None
 
 
+def owner_public_key(subkey: object) -> bytes:
+    """The public key (OpenSSH bytes) in a signed subkey's owner marker; b"" if it has none."""
+    if not isinstance(subkey, bytes):
+        return b""
+    match = RSASignatureValidator._PUBLIC_KEY_RE.search(subkey)
+    return match.group(1) if match is not None else b""
+
+
 class BytesSubkeyValidator(RecordValidatorBase):
     """Rejects records whose subkey is not bytes: a text subkey among bytes ones breaks every reader of the key."""
 

@@ -5,6 +5,8 @@ from transformers import LlamaForCausalLM
 
 from client import AutoDistributedModelForCausalLM
 from peer.local_swarm import start_bootstrap, start_peers
+from swarm.identity import swarm_dht
+from swarm.net.endpoints import secure_channel
 from swarm.checkpoint_maker import save_random_checkpoint, tiny_llama_config
 
 
@@ -28,6 +30,15 @@ def bootstrap():
     node, address = start_bootstrap()
     yield address
     node.stop()
+
+
+@pytest.fixture(scope="session")
+def connect(bootstrap):
+    """`connect(handle, options)`: a TLS channel to a peer, pinned to the certificate of its signed record (what
+    every client does); tests use it for raw requests."""
+    dht = swarm_dht(initial_peers=[bootstrap], client_mode=True, start=True)[0]
+    yield lambda handle, options=(): secure_channel(handle.endpoint(dht), list(options))
+    dht.shutdown()
 
 
 @pytest.fixture(scope="session")

@@ -91,7 +91,7 @@ def test_gradients_through_a_hosted_adapter_equal_local_peft(tiny_llama, bootstr
         model.close()
 
 
-def test_an_adapter_nobody_hosts_is_a_clear_error(tiny_llama, bootstrap, swarm):
+def test_an_adapter_nobody_hosts_is_a_clear_error(tiny_llama, bootstrap, swarm, connect):
     model = client(tiny_llama, bootstrap, swarm, "nope")
     try:
         with pytest.raises(MissingBlocksError, match=r"block\(s\) 0-3 of model .* with adapter 'nope'"):
@@ -99,7 +99,7 @@ def test_an_adapter_nobody_hosts_is_a_clear_error(tiny_llama, bootstrap, swarm):
     finally:
         model.close()
     hosting, _ = swarm
-    with grpc.insecure_channel(hosting[0].address) as channel:
+    with connect(hosting[0]) as channel:
         request = pb.ForwardRequest(start_block=0, end_block=2, hidden_states=tensors.encode(torch.zeros(1, 2, 64)),
                                     adapter="nope")
         with pytest.raises(grpc.RpcError) as error:

@@ -27,8 +27,8 @@ def peer(tiny_llama, bootstrap):
 
 
 @pytest.fixture(scope="module")
-def stub(peer):
-    channel = grpc.insecure_channel(peer.address, options=[("grpc.max_send_message_length", 16 * 2**20)])
+def stub(peer, connect):
+    channel = connect(peer, [("grpc.max_send_message_length", 16 * 2**20)])
     yield pb_grpc.SwarmPeerStub(channel)
     channel.close()
 
@@ -133,8 +133,8 @@ def test_oversized_message_refused(stub):
     assert stub.Info(pb.InfoRequest()).end_block == 4
 
 
-def test_garbage_bytes_refused(peer, stub):
-    channel = grpc.insecure_channel(peer.address)
+def test_garbage_bytes_refused(peer, stub, connect):
+    channel = connect(peer)
     raw_forward = channel.unary_unary("/swarm.SwarmPeer/Forward")  # no serializer: the bytes go as they are
     with pytest.raises(grpc.RpcError) as error:
         raw_forward(b"\xff\xfe not a protobuf \x00\x01", timeout=10)

@@ -155,7 +155,7 @@ def test_runtime_computes_small_passes_on_one_thread_and_large_ones_on_its_budge
     assert threads_seen == [3, 1, 3, 1]
 
 
-def test_concurrent_clients_get_their_own_tokens(peers, bootstrap, tiny_llama, reference):
+def test_concurrent_clients_get_their_own_tokens(peers, bootstrap, tiny_llama, reference, connect):
     """Clients generating at once on one peer (which batches their steps) each get local `transformers`' tokens."""
     prompts = [torch.arange(3, 3 + length)[None] for length in (3, 8, 5, 12, 6, 9)]
     models = [
@@ -180,5 +180,5 @@ def test_concurrent_clients_get_their_own_tokens(peers, bootstrap, tiny_llama, r
             model.close()
     for index, prompt in enumerate(prompts):
         assert torch.equal(results[index], reference.generate(prompt, max_new_tokens=24, do_sample=False))
-    with grpc.insecure_channel(peers["all"].address) as channel:
+    with connect(peers["all"]) as channel:
         assert pb_grpc.SwarmPeerStub(channel).Info(pb.InfoRequest(), timeout=10).largest_batch >= 2

@@ -26,8 +26,8 @@ def chain(tiny_llama, bootstrap):
 
 
 @pytest.fixture(scope="module")
-def stubs(chain):
-    channels = [grpc.insecure_channel(handle.address) for handle in chain]
+def stubs(chain, connect):
+    channels = [connect(handle) for handle in chain]
     yield [pb_grpc.SwarmPeerStub(channel) for channel in channels]
     for channel in channels:
         channel.close()
@@ -42,7 +42,7 @@ def test_a_pushed_step_is_answered_on_the_next_session_stream_and_runs_once(chai
     first = RawSession(stubs[0], "push-first", blocks=(0, 2))
     second = RawSession(stubs[1], "push-second", blocks=(2, 4))
     relayed = RawSession(stubs[1], "relayed-second", blocks=(2, 4))
-    target = pb.PushTarget(address=chain[1].address, session_id="push-second")
+    target = pb.PushTarget(peer_id=chain[1].peer_id, session_id="push-second")
 
     answer = first.send(hidden(seed=1), push_to=[target])
     assert answer.result.pushed and answer.result.position == 1
@@ -62,18 +62,25 @@ def test_a_pushed_step_is_answered_on_the_next_session_stream_and_runs_once(chai
         session.close()
 
 
-def test_a_push_that_cannot_be_delivered_is_reported_to_the_client(stubs):
-    with socket.socket() as probe:  # a port nobody listens on
-        probe.bind(("127.0.0.1", 0))
-        address = f"127.0.0.1:{probe.getsockname()[1]}"
-    first = RawSession(stubs[0], "orphan-first", blocks=(0, 2))
-    answer = first.send(hidden(), push_to=[pb.PushTarget(address=address, session_id="nobody")])
-    assert not answer.result.pushed and answer.result.position == 1
-    assert first.send(hidden(seed=1)).result.position == 2  # the session goes on
+def test_a_push_to_a_peer_no_record_announces_is_refused_and_nothing_is_dialled(chain, stubs):
+    with socket.socket() as listener:  # stands for an address an attacker names: it must never get a connection
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+        listener.settimeout(0.5)
+        first = RawSession(stubs[0], "orphan-first", blocks=(0, 2))
+        for target in (f"127.0.0.1:{listener.getsockname()[1]}", "sw" + "0" * 40):  # an address; an unknown identity
+            answer = first.send(hidden(), push_to=[pb.PushTarget(peer_id=target, session_id="nobody")])
+            assert not answer.result.pushed and "not announced" in answer.result.push_error
+        # A peer that is announced, but not for the block after this session's span (blocks 0:2 -> block 2):
+        wrong_block = first.send(hidden(), push_to=[pb.PushTarget(peer_id=chain[0].peer_id, session_id="orphan-first")])
+        assert not wrong_block.result.pushed and "not block 2" in wrong_block.result.push_error
+        assert first.send(hidden(seed=1)).result.position == 4  # the session went on through all of it
+        with pytest.raises(socket.timeout):
+            listener.accept()
     first.close()
 
 
-def test_bad_pushes_change_nothing(chain, stubs):
+def test_bad_pushes_change_nothing(chain, stubs, connect):
     session = RawSession(stubs[1], "pushed-garbage", blocks=(2, 4))
     garbage = pb.InferenceStep(
         session_id="pushed-garbage", step_id=1, hidden_states=pb.Tensor(data=b"\x00" * 7, shape=[1, 1, 64], dtype="float32")
@@ -81,7 +88,7 @@ def test_bad_pushes_change_nothing(chain, stubs):
     unknown = pb.InferenceStep(session_id="nobody", step_id=1, hidden_states=tensors.encode(hidden()))
     stubs[1].Push(iter([garbage, unknown]), timeout=30)
     expect_error(session.receive(), "INVALID_ARGUMENT", "needs 256 bytes, got 7")  # told on the session's stream
-    undecodable = grpc.insecure_channel(chain[1].address)
+    undecodable = connect(chain[1])
     with pytest.raises(grpc.RpcError):
         undecodable.stream_unary("/swarm.SwarmPeer/Push")(iter([b"\xff\xfe not a protobuf"]), timeout=30)
     undecodable.close()
@@ -93,7 +100,7 @@ def test_bad_pushes_change_nothing(chain, stubs):
 def test_steps_that_come_by_push_keep_a_session_alive(chain, stubs):
     first = RawSession(stubs[0], "alive-first", blocks=(0, 2), max_length=32)
     second = RawSession(stubs[1], "alive-second", blocks=(2, 4), max_length=32)
-    target = pb.PushTarget(address=chain[1].address, session_id="alive-second")
+    target = pb.PushTarget(peer_id=chain[1].peer_id, session_id="alive-second")
     deadline = time.monotonic() + 2 * IDLE_TIMEOUT  # longer than the idle timeout, with nothing from the client
     while time.monotonic() < deadline:
         assert first.send(hidden(), push_to=[target]).result.pushed

@@ -282,7 +282,7 @@ def test_a_sequence_above_the_message_limit_goes_in_chunks(tiny_llama, bootstrap
         hidden = torch.randn(1, 2500, 64, generator=torch.Generator().manual_seed(3))
         assert_blocks_match_local(model, reference, hidden)
 
-        stub = model.remote.connections.stub(peer.address)
+        stub = model.remote.connections.stub(model.remote.view.chain(purpose="training")[0].peer)
         with pytest.raises(grpc.RpcError, match="do not form a ForwardRequest") as error:
             list(stub.ForwardChunked(iter([pb.Chunk(data=b"\xff" * 1000)])))
         assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT

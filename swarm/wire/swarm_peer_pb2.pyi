@@ -91,12 +91,12 @@ class InferenceStep(_message.Message):
     def __init__(self, session_id: _Optional[str] = ..., step_id: _Optional[int] = ..., hidden_states: _Optional[_Union[Tensor, _Mapping]] = ..., position_ids: _Optional[_Union[Tensor, _Mapping]] = ..., attention_mask: _Optional[_Union[Tensor, _Mapping]] = ..., beam_reorder: _Optional[_Union[Tensor, _Mapping]] = ..., start_position: _Optional[int] = ..., has_start_position: _Optional[bool] = ..., push_to: _Optional[_Iterable[_Union[PushTarget, _Mapping]]] = ...) -> None: ...
 
 class PushTarget(_message.Message):
-    __slots__ = ("address", "session_id")
-    ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    __slots__ = ("peer_id", "session_id")
+    PEER_ID_FIELD_NUMBER: _ClassVar[int]
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
-    address: str
+    peer_id: str
     session_id: str
-    def __init__(self, address: _Optional[str] = ..., session_id: _Optional[str] = ...) -> None: ...
+    def __init__(self, peer_id: _Optional[str] = ..., session_id: _Optional[str] = ...) -> None: ...
 
 class InferenceRequest(_message.Message):
     __slots__ = ("open", "step")
@@ -115,16 +115,18 @@ class SessionOpened(_message.Message):
     def __init__(self, session_id: _Optional[str] = ..., max_length: _Optional[int] = ...) -> None: ...
 
 class StepResult(_message.Message):
-    __slots__ = ("step_id", "hidden_states", "position", "pushed")
+    __slots__ = ("step_id", "hidden_states", "position", "pushed", "push_error")
     STEP_ID_FIELD_NUMBER: _ClassVar[int]
     HIDDEN_STATES_FIELD_NUMBER: _ClassVar[int]
     POSITION_FIELD_NUMBER: _ClassVar[int]
     PUSHED_FIELD_NUMBER: _ClassVar[int]
+    PUSH_ERROR_FIELD_NUMBER: _ClassVar[int]
     step_id: int
     hidden_states: Tensor
     position: int
     pushed: bool
-    def __init__(self, step_id: _Optional[int] = ..., hidden_states: _Optional[_Union[Tensor, _Mapping]] = ..., position: _Optional[int] = ..., pushed: _Optional[bool] = ...) -> None: ...
+    push_error: str
+    def __init__(self, step_id: _Optional[int] = ..., hidden_states: _Optional[_Union[Tensor, _Mapping]] = ..., position: _Optional[int] = ..., pushed: _Optional[bool] = ..., push_error: _Optional[str] = ...) -> None: ...
 
 class StepError(_message.Message):
     __slots__ = ("step_id", "code", "message")
@@ -209,3 +211,27 @@ class BackwardResponse(_message.Message):
     grad_deep_prompts: Tensor
     grad_lora: _containers.RepeatedCompositeFieldContainer[NamedTensor]
     def __init__(self, grad_hidden_states: _Optional[_Union[Tensor, _Mapping]] = ..., grad_deep_prompts: _Optional[_Union[Tensor, _Mapping]] = ..., grad_lora: _Optional[_Iterable[_Union[NamedTensor, _Mapping]]] = ...) -> None: ...
+
+class DialBackRequest(_message.Message):
+    __slots__ = ("port", "certificate", "identity", "dht_port")
+    PORT_FIELD_NUMBER: _ClassVar[int]
+    CERTIFICATE_FIELD_NUMBER: _ClassVar[int]
+    IDENTITY_FIELD_NUMBER: _ClassVar[int]
+    DHT_PORT_FIELD_NUMBER: _ClassVar[int]
+    port: int
+    certificate: bytes
+    identity: str
+    dht_port: int
+    def __init__(self, port: _Optional[int] = ..., certificate: _Optional[bytes] = ..., identity: _Optional[str] = ..., dht_port: _Optional[int] = ...) -> None: ...
+
+class DialBackResponse(_message.Message):
+    __slots__ = ("observed_host", "reachable", "dht_reachable", "error")
+    OBSERVED_HOST_FIELD_NUMBER: _ClassVar[int]
+    REACHABLE_FIELD_NUMBER: _ClassVar[int]
+    DHT_REACHABLE_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
+    observed_host: str
+    reachable: bool
+    dht_reachable: bool
+    error: str
+    def __init__(self, observed_host: _Optional[str] = ..., reachable: _Optional[bool] = ..., dht_reachable: _Optional[bool] = ..., error: _Optional[str] = ...) -> None: ...

@@ -357,3 +357,75 @@ class SwarmPeer:
             timeout,
             metadata,
             _registered_method=True)
+
+
+class RendezvousStub:
+    """Missing associated documentation comment in .proto file."""
+
+    def __init__(self, channel):
+        """Constructor.
+
+        Args:
+            channel: A grpc.Channel.
+        """
+        self.DialBack = channel.unary_unary(
+                '/swarm.Rendezvous/DialBack',
+                request_serializer=swarm_dot_wire_dot_swarm__peer__pb2.DialBackRequest.SerializeToString,
+                response_deserializer=swarm_dot_wire_dot_swarm__peer__pb2.DialBackResponse.FromString,
+                _registered_method=True)
+
+
+class RendezvousServicer:
+    """Missing associated documentation comment in .proto file."""
+
+    def DialBack(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+
+def add_RendezvousServicer_to_server(servicer, server):
+    rpc_method_handlers = {
+            'DialBack': grpc.unary_unary_rpc_method_handler(
+                    servicer.DialBack,
+                    request_deserializer=swarm_dot_wire_dot_swarm__peer__pb2.DialBackRequest.FromString,
+                    response_serializer=swarm_dot_wire_dot_swarm__peer__pb2.DialBackResponse.SerializeToString,
+            ),
+    }
+    generic_handler = grpc.method_handlers_generic_handler(
+            'swarm.Rendezvous', rpc_method_handlers)
+    server.add_generic_rpc_handlers((generic_handler,))
+    server.add_registered_method_handlers('swarm.Rendezvous', rpc_method_handlers)
+
+
+ # This class is part of an EXPERIMENTAL API.
+class Rendezvous:
+    """Missing associated documentation comment in .proto file."""
+
+    @staticmethod
+    def DialBack(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/swarm.Rendezvous/DialBack',
+            swarm_dot_wire_dot_swarm__peer__pb2.DialBackRequest.SerializeToString,
+            swarm_dot_wire_dot_swarm__peer__pb2.DialBackResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
