@@ -12,7 +12,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 from swarm.net.endpoints import Endpoint
@@ -62,20 +62,25 @@ class SwarmProcess:
         return self.process.returncode
 
 
-def spawn_cli(*args: str, module: str = "peer.cli") -> SwarmProcess:
-    """Runs `python -m peer.cli ARGS` (or another module exposing the same CLI, e.g. a test's instrumented one)."""
+def spawn_cli(*args: str, module: str = "peer.cli", launcher: Callable[[list[str]], list[str]] | None = None) -> SwarmProcess:
+    """Runs `python -m peer.cli ARGS` (or another module exposing the same CLI, e.g. a test's instrumented one);
+    `launcher` wraps the command line (e.g. to run it in a test bed's network namespace)."""
     env = dict(os.environ, PYTHONUNBUFFERED="1", TQDM_DISABLE="1")
+    argv = [sys.executable, "-m", module, *args]
     process = subprocess.Popen(
-        [sys.executable, "-m", module, *args],
+        launcher(argv) if launcher else argv,
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
         start_new_session=True,  # its own process group, so that stop() can take its children down with it
     )
     return SwarmProcess(process)
 
 
-def start_bootstrap(*args: str, spawn=None) -> tuple[SwarmProcess, str]:
-    """A bootstrap node on loopback (or where `args` say); returns it and its first multiaddr."""
-    node = (spawn or spawn_cli)("bootstrap", *(args or ("--host", "127.0.0.1")))
+def start_bootstrap(*args: str, launcher: Callable[[list[str]], list[str]] | None = None) -> tuple[SwarmProcess, str]:
+    """A bootstrap node (on loopback unless `args` or a `launcher` say otherwise); returns it and its first
+    multiaddr (a non-loopback one, when it listens beyond loopback)."""
+    if not args and launcher is None:
+        args = ("--host", "127.0.0.1")
+    node = spawn_cli("bootstrap", *args, launcher=launcher)
     address = node.wait_for_line(r"--initial-peers (\S+)").group(1)
     node.wait_for_line(r"dial-back at")
     return node, address

@@ -68,10 +68,10 @@ async def plan_network(options: NetworkOptions, key: RSAPrivateKey, tls: TLSIden
     dht_port = options.dht_port or free_port(listen_host)
     announce_port = options.announce_port or port
 
-    def start_dht(client_mode: bool = False, announce_host: str | None = None) -> hivemind.DHT:
+    def start_dht(client_mode: bool = False, announce_host: str | None = None, port: int = dht_port) -> hivemind.DHT:
         return swarm_dht(
             key, initial_peers=options.initial_peers, start=True, client_mode=client_mode,
-            host_maddrs=_dht_maddrs(listen_host, dht_port),
+            host_maddrs=_dht_maddrs(listen_host, port),
             announce_maddrs=_dht_maddrs(announce_host, dht_port) if announce_host else None,
         )[0]
 
@@ -86,7 +86,7 @@ async def plan_network(options: NetworkOptions, key: RSAPrivateKey, tls: TLSIden
         return NetworkPlan(dht, listen_host, port, address, reachability="local" if local else "direct",
                            helps_others=options.relay, notes=notes)
 
-    probe_dht = await loop.run_in_executor(None, start_dht, True, None)
+    probe_dht = await loop.run_in_executor(None, start_dht, True, None, 0)  # dht_port stays free for the dial-back
     helpers = await loop.run_in_executor(None, fetch_rendezvous, probe_dht)
     found = await _probe_with_listeners(helpers, tls, listen_host, port, dht_port)
     if found.reachable:

@@ -1,0 +1,156 @@
+"""Swarm across machines: hosts are network namespaces on one bridge, a home network sits behind a NAT router, and
+every process runs with default options (no --host). Each result is checked against local transformers."""
+
+import json
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from peer.local_swarm import PeerHandle, SwarmProcess, spawn_cli, start_bootstrap
+from tests.netbed import NetBed, available, read_line
+from tests.test_training import run_local_blocks
+
+REASON = available()
+pytestmark = [pytest.mark.slow, pytest.mark.skipif(REASON is not None, reason=f"no network test bed here: {REASON}")]
+REPO_ROOT = Path(__file__).resolve().parents[1]
+CLIENT_TIMEOUT = 120
+PROMPT = [5, 6, 7, 8]
+
+
+@pytest.fixture(scope="module")
+def bed():
+    with NetBed(public=["boot", "a", "b", "c", "client"], home=["nat_peer", "nat_client", "nat_volunteer"]) as bed:
+        yield bed
+
+
+class Swarm:
+    """The processes of one bed; every one is stopped by `stop`."""
+
+    def __init__(self, bed: NetBed, model: str):
+        self.bed, self.model = bed, model
+        self.processes: list[SwarmProcess] = []
+        node, self.initial_peer = start_bootstrap(launcher=bed["boot"].command)
+        self.processes.append(node)
+
+    def serve(self, host: str, blocks: str, *extra: str) -> PeerHandle:
+        process = spawn_cli(
+            "serve", self.model, "--initial-peers", self.initial_peer, "--blocks", blocks,
+            "--announce-period", "5", "--num-threads", "1", *extra, launcher=self.bed[host].command,
+        )
+        self.processes.append(process)
+        return PeerHandle.from_online_line(process)
+
+    def client(self, host: str, *args: str, stdin=None) -> subprocess.Popen:
+        return self.bed[host].popen(
+            [sys.executable, "-m", "tests.netbed.swarm_client", self.model, "--initial-peers", self.initial_peer, *args],
+            cwd=REPO_ROOT, stdin=stdin, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        )
+
+    def run_client(self, host: str, *args: str) -> dict:
+        process = self.client(host, *args)
+        try:
+            out, err = process.communicate(timeout=CLIENT_TIMEOUT)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            out, err = process.communicate()
+        assert process.returncode == 0, err.decode()[-3000:]
+        return json.loads(out.decode().strip().splitlines()[-1])
+
+    def stop(self) -> None:
+        for process in reversed(self.processes):
+            process.stop()
+
+
+@pytest.fixture(scope="module")
+def swarm(bed, tiny_llama):
+    swarm = Swarm(bed, tiny_llama)
+    try:
+        swarm.a = swarm.serve("a", "0:2")
+        swarm.b = swarm.serve("b", "2:4")
+        yield swarm
+    finally:
+        swarm.stop()
+
+
+def local_tokens(reference, new_tokens: int = 8, seed: int | None = None) -> list[int]:
+    options = dict(max_new_tokens=new_tokens, do_sample=seed is not None)
+    if seed is not None:
+        torch.manual_seed(seed)
+        options.update(top_k=20, temperature=0.9)
+    return reference.generate(torch.tensor([PROMPT]), **options)[0].tolist()
+
+
+def test_peers_with_default_options_announce_addresses_others_can_dial(swarm, bed):
+    for handle, host in ((swarm.a, "a"), (swarm.b, "b")):
+        assert handle.reachability == "direct"
+        assert handle.address.split(":")[0] == bed[host].ip
+    assert swarm.initial_peer.startswith(f"/ip4/{bed['boot'].ip}/")
+    for process in swarm.processes:
+        assert "were not stored" not in "".join(process.output)
+
+
+def test_a_client_on_another_host_generates_locals_tokens(swarm, reference):
+    allowed = ["--allowed", swarm.a.peer_id, "--allowed", swarm.b.peer_id]
+    assert swarm.run_client("client", *allowed)["tokens"] == local_tokens(reference)
+    assert swarm.run_client("client", *allowed, "--seed", "3")["tokens"] == local_tokens(reference, seed=3)
+
+
+def test_a_client_behind_nat_generates(swarm, reference):
+    allowed = ["--allowed", swarm.a.peer_id, "--allowed", swarm.b.peer_id]
+    assert swarm.run_client("nat_client", *allowed)["tokens"] == local_tokens(reference)
+
+
+@pytest.fixture(scope="module")
+def nat_peer(swarm):
+    return swarm.serve("nat_peer", "0:4")
+
+
+def test_a_peer_behind_nat_serves_through_a_relay(swarm, nat_peer, reference, tmp_path):
+    assert nat_peer.reachability == "relayed"
+    only_it = ["--allowed", nat_peer.peer_id]
+    assert swarm.run_client("client", *only_it)["tokens"] == local_tokens(reference)
+    assert swarm.run_client("nat_client", *only_it, "--seed", "5")["tokens"] == local_tokens(reference, seed=5)
+
+    out = tmp_path / "train.pt"
+    swarm.run_client("client", *only_it, "--train", str(out))
+    got = torch.load(out)
+    generator = torch.Generator().manual_seed(0)
+    hidden = torch.randn(2, 6, reference.config.hidden_size, generator=generator).requires_grad_()
+    local = run_local_blocks(reference, hidden)
+    (local * torch.randn(local.shape, generator=generator)).sum().backward()
+    assert torch.allclose(got["output"], local, atol=1e-4, rtol=0)
+    assert torch.allclose(got["grad"], hidden.grad, atol=1e-4, rtol=0)
+
+
+def test_a_relayed_peer_killed_mid_generation_is_replaced_with_locals_tokens(swarm, nat_peer, reference):
+    replica = swarm.serve("c", "0:4")
+    allowed = ["--allowed", nat_peer.peer_id, "--allowed", replica.peer_id]
+    client = swarm.client("client", *allowed, "--prefer", nat_peer.peer_id, "--pause-after", "3", "--new-tokens", "10",
+                          stdin=subprocess.PIPE)
+    try:
+        assert read_line(client, CLIENT_TIMEOUT).strip() == "paused"
+        nat_peer.process.stop(signal.SIGKILL)
+        client.stdin.write(b"go\n")
+        client.stdin.flush()
+        out, err = client.communicate(timeout=CLIENT_TIMEOUT)
+    finally:
+        if client.poll() is None:
+            client.kill()
+            client.wait()
+    assert client.returncode == 0, err.decode()[-3000:]
+    assert json.loads(out.decode().strip().splitlines()[-1])["tokens"] == local_tokens(reference, new_tokens=10)
+
+
+def test_a_volunteer_behind_nat_joins_and_is_used(swarm, reference, tiny_llama):
+    process = spawn_cli(
+        "join", tiny_llama, "--initial-peers", swarm.initial_peer,
+        "--announce-period", "5", "--num-threads", "1", module="peer.volunteer", launcher=swarm.bed["nat_volunteer"].command,
+    )
+    swarm.processes.append(process)
+    volunteer = PeerHandle.from_online_line(process)
+    assert volunteer.reachability == "relayed"
+    assert swarm.run_client("client", "--allowed", volunteer.peer_id)["tokens"] == local_tokens(reference)
