@@ -26,6 +26,9 @@ class ClientConfig:
     # Inference steps go from peer to peer along the chain (each peer still answers the client, which keeps the
     # outputs to replay on a replacement); False: the client relays every hop's output itself.
     peer_to_peer: bool = True
+    # Activations on the wire (both ways, and pushed from peer to peer): "none" (the peers' dtype, lossless),
+    # "float16", "bfloat16" (half of float32's bytes), or "int8" (blockwise 8-bit, ~27% of float32's bytes; lossy).
+    compression: str = "none"
     # How many times a failed hop is replaced (with another peer, history replayed) before giving up.
     max_retries: int = 3
     # A failing peer is avoided for ban_seconds, doubling with each further failure up to max_ban_seconds.

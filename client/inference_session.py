@@ -26,7 +26,7 @@ class HopSession:
 
     def __init__(
         self, stub, hop: Hop, batch_size: int, max_length: int, alloc_timeout: float, step_timeout: float,
-        lora=None, lora_scaling=1.0, adapter: str = "", deep_prompts: torch.Tensor | None = None,
+        lora=None, lora_scaling=1.0, adapter: str = "", deep_prompts: torch.Tensor | None = None, codec: str = "",
     ):
         self.hop = hop
         self.peer = hop.peer.peer_id
@@ -38,7 +38,9 @@ class HopSession:
         opening = pb.OpenSession(
             session_id=self.session_id, start_block=hop.start, end_block=hop.end,
             batch_size=batch_size, max_length=max_length, alloc_timeout=alloc_timeout, adapter=adapter,
+            compression=codec,
         )
+        self.codec = codec
         add_lora(opening, hop, lora or {}, lora_scaling, self.dtype)
         if deep_prompts is not None:  # [hop blocks, prefix, hidden]
             opening.deep_prompts.CopyFrom(tensors.encode(deep_prompts.detach().to(self.dtype)))
@@ -68,7 +70,7 @@ class HopSession:
         """Sends the hidden states with `step_fields` (step id, positions, mask, reorder: the same for every hop);
         the peer pushes its output on along `push_to`, the sessions of the next hops."""
         step = pb.InferenceStep(
-            session_id=self.session_id, hidden_states=tensors.encode(hidden_states.to(self.dtype)), push_to=push_to
+            session_id=self.session_id, hidden_states=tensors.encode(hidden_states.to(self.dtype), self.codec), push_to=push_to
         )
         step.MergeFrom(step_fields)
         self._requests.put(pb.InferenceRequest(step=step))
@@ -140,7 +142,7 @@ class InferenceSession:
                     opened.append(HopSession(
                         self.remote.connections.stub(hop.peer), hop, self._batch_size,
                         self.max_length, config.alloc_timeout, config.request_timeout, self.lora, self.lora_scaling,
-                        config.active_adapter, self._hop_deep_prompts(hop),
+                        config.active_adapter, self._hop_deep_prompts(hop), self.remote.codec,
                     ))
                 except RemoteError as error:
                     if error.code not in RETRYABLE or failures == config.max_retries:

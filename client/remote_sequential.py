@@ -13,6 +13,7 @@ from client.transport import PeerConnections
 from swarm import tensors
 from swarm.chunks import MAX_CHUNKED_MESSAGES, ChunkAssembler, ChunkedMessageError, to_chunks
 from swarm.errors import RemoteError, SwarmError
+from swarm.net.compression import check_codec
 from swarm.routing import Hop
 from swarm.tensors import DTYPES
 from swarm.wire import swarm_peer_pb2 as pb
@@ -37,6 +38,7 @@ class RemoteSequential(nn.Module):
         self.view = view or SwarmView(model_prefix, num_blocks, config, self.connections)
         self.start_block = start_block
         self.end_block = num_blocks if end_block is None else end_block
+        self.codec = check_codec(config.compression)  # activations on the wire, both ways
 
     def forward(
         self,
@@ -135,9 +137,10 @@ class _RemoteHop(torch.autograd.Function):
         request = pb.ForwardRequest(
             start_block=hop.start,
             end_block=hop.end,
-            hidden_states=tensors.encode(hidden.to(dtype)),
+            hidden_states=tensors.encode(hidden.to(dtype), remote.codec),
             position_ids=tensors.encode(position_ids.cpu().long()),
             attention_mask=tensors.encode(attention_mask.cpu().bool()),
+            compression=remote.codec,
         )
         if prompts is not None:
             request.deep_prompts.CopyFrom(tensors.encode(prompts.to(dtype)))
@@ -153,7 +156,7 @@ class _RemoteHop(torch.autograd.Function):
     def backward(ctx, grad_output):
         hidden_dtype, prompts_dtype, lora_dtypes = ctx.dtypes
         peer_dtype = DTYPES[ctx.hop.peer.record.dtype]
-        request = pb.BackwardRequest(inputs=ctx.request, grad_outputs=tensors.encode(grad_output.to(peer_dtype)))
+        request = pb.BackwardRequest(inputs=ctx.request, grad_outputs=tensors.encode(grad_output.to(peer_dtype), ctx.remote.codec))
         response, _ = ctx.remote.call(ctx.hop, "Backward", request)
         grad_hidden = tensors.decode(response.grad_hidden_states).to(hidden_dtype)
         grad_prompts = None

@@ -14,6 +14,7 @@ from peer.push import PushSender
 from peer.runtime import PREFILL_CHUNK, ComputeRuntime
 from peer.sessions import InferenceSessionState, StepWork
 from peer.training import (
+    check_compression,
     check_lora_scaling,
     check_trainable,
     decode_grad_outputs,
@@ -101,7 +102,7 @@ class SwarmPeerServicer(pb_grpc.SwarmPeerServicer):
         except InvalidRequest as error:
             await context.abort(getattr(grpc.StatusCode, error.code), str(error))
         output = await self.runtime.run(run_forward, job, merge_group(job))
-        return pb.ForwardResponse(hidden_states=tensors.encode(output))
+        return pb.ForwardResponse(hidden_states=tensors.encode(output, job.codec))
 
     async def Backward(self, request: pb.BackwardRequest, context) -> pb.BackwardResponse:
         try:
@@ -149,6 +150,7 @@ class SwarmPeerServicer(pb_grpc.SwarmPeerServicer):
             lora_scaling = check_lora_scaling(opening.lora_scaling) if lora else 1.0
             adapter = find_adapter(self.adapters, opening.adapter)
             deep_prompts = self._decode_session_prompts(opening)
+            codec = check_compression(opening.compression)
         except InvalidRequest as error:
             await context.abort(getattr(grpc.StatusCode, error.code), str(error))
         num_pages = self.pool.pages_for(opening.max_length) * opening.batch_size
@@ -160,6 +162,7 @@ class SwarmPeerServicer(pb_grpc.SwarmPeerServicer):
                     opening.batch_size, opening.max_length, pages, lora, lora_scaling, adapter, deep_prompts,
                 )
                 session.answers = context
+                session.codec = codec
                 self.open_sessions[session.session_id] = session
                 self.on_cache_change()
                 try:
@@ -249,10 +252,10 @@ class SwarmPeerServicer(pb_grpc.SwarmPeerServicer):
                 logger.exception(f"session {session.session_id} failed")
                 await context.abort(grpc.StatusCode.INTERNAL, f"step failed on the peer, session closed: {error!r}")
             session.last_step_id = step.step_id
-            encoded = tensors.encode(output)
+            encoded = tensors.encode(output, session.codec)
             # The push goes first: the next peer's compute is what the client waits for, not this answer. The next
             # peer takes this peer's dtype (the client pushes no further), which a block may have left.
-            passed_on = encoded if output.dtype == self.dtype else tensors.encode(output.to(self.dtype))
+            passed_on = encoded if output.dtype == self.dtype else tensors.encode(output.to(self.dtype), session.codec)
             pushed, push_error = await self._push_on(session, step, passed_on) if step.push_to else (False, "")
             await context.write(pb.InferenceResponse(result=pb.StepResult(
                 step_id=step.step_id, hidden_states=encoded, position=session.position, pushed=pushed,

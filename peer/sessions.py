@@ -36,6 +36,7 @@ class InferenceSessionState:
         self.batch_size, self.max_length = batch_size, max_length
         self.position = 0
         self.closed = False  # set by the handler; queued steps of a closed session are dropped
+        self.codec = ""  # wire compression of its answers and pushes (chosen by the client)
         self.last_step: asyncio.Future | None = None  # the step in the compute runtime's hands, if any
         self.last_step_id = 0  # of the last step run: steps come from the client's stream and by push
         self.turn = asyncio.Lock()  # one step at a time, whichever way it came

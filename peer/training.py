@@ -12,6 +12,7 @@ from peer.adapters import HostedAdapter, adapter_lora
 from peer.lora import lora_target, loras_applied
 from peer.validation import InvalidRequest, SpanInputs, check_block_range, decode_span_inputs, decode_tensor
 from swarm import tensors
+from swarm.net import compression
 from swarm.blocks import BlockSpan
 from swarm.wire import swarm_peer_pb2 as pb
 
@@ -26,6 +27,7 @@ class SpanJob:
     lora: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
     lora_scaling: float = 1.0
     adapter: HostedAdapter | None = None  # hosted by the peer: applied, never differentiated
+    codec: str = ""  # wire compression of the answer's activations and input gradients
 
 
 def decode_job(
@@ -50,7 +52,15 @@ def decode_job(
     job.adapter = find_adapter(adapters, request.adapter)
     job.lora = decode_lora(request.lora, span, request.start_block, request.end_block, dtype)
     job.lora_scaling = check_lora_scaling(request.lora_scaling) if job.lora else 1.0
+    job.codec = check_compression(request.compression)
     return job
+
+
+def check_compression(name: str) -> str:
+    try:
+        return compression.check_codec(name)
+    except ValueError as error:
+        raise InvalidRequest(str(error)) from None
 
 
 def find_adapter(adapters: dict[str, HostedAdapter], name: str) -> HostedAdapter | None:
@@ -143,9 +153,12 @@ def run_backward(span: BlockSpan, items: list[tuple[SpanJob, torch.Tensor]]) -> 
             output = _run(span, job, hidden, prompts)
         grads = torch.autograd.grad(output, leaves, grad_outputs)
     if len(items) > 1:  # merged jobs carry nothing but hidden states
-        return [pb.BackwardResponse(grad_hidden_states=tensors.encode(grad)) for grad in grads[0].split(_batch_sizes(jobs))]
+        return [
+            pb.BackwardResponse(grad_hidden_states=tensors.encode(grad, job.codec))
+            for grad, job in zip(grads[0].split(_batch_sizes(jobs)), jobs)
+        ]
     grads = iter(grads)
-    response = pb.BackwardResponse(grad_hidden_states=tensors.encode(next(grads)))
+    response = pb.BackwardResponse(grad_hidden_states=tensors.encode(next(grads), jobs[0].codec))
     if prompts is not None:
         response.grad_deep_prompts.CopyFrom(tensors.encode(next(grads)))
     for name in lora:

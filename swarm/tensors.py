@@ -1,10 +1,11 @@
-"""Tensors on the wire: raw bytes plus shape and dtype, decoded without a copy where torch allows."""
+"""Tensors on the wire: raw bytes (or compressed ones) plus shape and dtype, decoded without a copy where torch allows."""
 
 import math
 import warnings
 
 import torch
 
+from swarm.net import compression
 from swarm.wire import swarm_peer_pb2 as pb
 
 DTYPES: dict[str, torch.dtype] = {
@@ -25,13 +26,17 @@ class TensorDecodeError(ValueError):
     """The bytes do not make the tensor they claim to be."""
 
 
-def encode(tensor: torch.Tensor) -> pb.Tensor:
+def encode(tensor: torch.Tensor, codec: str = "") -> pb.Tensor:
+    """The tensor as a message: raw bytes, or compressed by `codec` (see swarm.net.compression) if it is a float."""
     tensor = tensor.detach()
     if tensor.device.type != "cpu":
         tensor = tensor.cpu()
     if tensor.dtype not in DTYPE_NAMES:
         raise TypeError(f"cannot send tensors of dtype {tensor.dtype}")
     tensor = tensor.contiguous()
+    if codec and tensor.is_floating_point():
+        data = compression.compress(tensor, codec)
+        return pb.Tensor(data=data, shape=list(tensor.shape), dtype=DTYPE_NAMES[tensor.dtype], codec=codec)
     # bfloat16 has no numpy twin: reinterpret its bytes as int16 before taking them.
     raw = tensor.view(torch.int16) if tensor.dtype == torch.bfloat16 else tensor
     return pb.Tensor(data=raw.numpy().tobytes(), shape=list(tensor.shape), dtype=DTYPE_NAMES[tensor.dtype])
@@ -44,6 +49,13 @@ def decode(message: pb.Tensor) -> torch.Tensor:
     shape = tuple(message.shape)
     if any(dim < 0 for dim in shape):
         raise TensorDecodeError(f"negative dimension in shape {shape}")
+    if message.codec:
+        if not dtype.is_floating_point:
+            raise TensorDecodeError(f"codec {message.codec!r} on a {message.dtype} tensor")
+        try:
+            return compression.decompress(message.data, shape, dtype, message.codec)
+        except compression.CodecError as error:
+            raise TensorDecodeError(str(error)) from None
     expected_bytes = math.prod(shape) * _ELEMENT_SIZES[message.dtype]
     if len(message.data) != expected_bytes:
         raise TensorDecodeError(

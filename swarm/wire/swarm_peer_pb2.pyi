@@ -7,14 +7,16 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class Tensor(_message.Message):
-    __slots__ = ("data", "shape", "dtype")
+    __slots__ = ("data", "shape", "dtype", "codec")
     DATA_FIELD_NUMBER: _ClassVar[int]
     SHAPE_FIELD_NUMBER: _ClassVar[int]
     DTYPE_FIELD_NUMBER: _ClassVar[int]
+    CODEC_FIELD_NUMBER: _ClassVar[int]
     data: bytes
     shape: _containers.RepeatedScalarFieldContainer[int]
     dtype: str
-    def __init__(self, data: _Optional[bytes] = ..., shape: _Optional[_Iterable[int]] = ..., dtype: _Optional[str] = ...) -> None: ...
+    codec: str
+    def __init__(self, data: _Optional[bytes] = ..., shape: _Optional[_Iterable[int]] = ..., dtype: _Optional[str] = ..., codec: _Optional[str] = ...) -> None: ...
 
 class InfoRequest(_message.Message):
     __slots__ = ()
@@ -45,7 +47,7 @@ class InfoResponse(_message.Message):
     def __init__(self, protocol_version: _Optional[str] = ..., model_prefix: _Optional[str] = ..., start_block: _Optional[int] = ..., end_block: _Optional[int] = ..., dtype: _Optional[str] = ..., cache_tokens_left: _Optional[int] = ..., hidden_size: _Optional[int] = ..., max_message_bytes: _Optional[int] = ..., largest_batch: _Optional[int] = ..., adapters: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class OpenSession(_message.Message):
-    __slots__ = ("session_id", "start_block", "end_block", "batch_size", "max_length", "alloc_timeout", "lora", "lora_scaling", "adapter", "deep_prompts")
+    __slots__ = ("session_id", "start_block", "end_block", "batch_size", "max_length", "alloc_timeout", "lora", "lora_scaling", "adapter", "deep_prompts", "compression")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     START_BLOCK_FIELD_NUMBER: _ClassVar[int]
     END_BLOCK_FIELD_NUMBER: _ClassVar[int]
@@ -56,6 +58,7 @@ class OpenSession(_message.Message):
     LORA_SCALING_FIELD_NUMBER: _ClassVar[int]
     ADAPTER_FIELD_NUMBER: _ClassVar[int]
     DEEP_PROMPTS_FIELD_NUMBER: _ClassVar[int]
+    COMPRESSION_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     start_block: int
     end_block: int
@@ -66,7 +69,8 @@ class OpenSession(_message.Message):
     lora_scaling: float
     adapter: str
     deep_prompts: Tensor
-    def __init__(self, session_id: _Optional[str] = ..., start_block: _Optional[int] = ..., end_block: _Optional[int] = ..., batch_size: _Optional[int] = ..., max_length: _Optional[int] = ..., alloc_timeout: _Optional[float] = ..., lora: _Optional[_Iterable[_Union[NamedTensor, _Mapping]]] = ..., lora_scaling: _Optional[float] = ..., adapter: _Optional[str] = ..., deep_prompts: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
+    compression: str
+    def __init__(self, session_id: _Optional[str] = ..., start_block: _Optional[int] = ..., end_block: _Optional[int] = ..., batch_size: _Optional[int] = ..., max_length: _Optional[int] = ..., alloc_timeout: _Optional[float] = ..., lora: _Optional[_Iterable[_Union[NamedTensor, _Mapping]]] = ..., lora_scaling: _Optional[float] = ..., adapter: _Optional[str] = ..., deep_prompts: _Optional[_Union[Tensor, _Mapping]] = ..., compression: _Optional[str] = ...) -> None: ...
 
 class InferenceStep(_message.Message):
     __slots__ = ("session_id", "step_id", "hidden_states", "position_ids", "attention_mask", "beam_reorder", "start_position", "has_start_position", "push_to")
@@ -161,7 +165,7 @@ class NamedTensor(_message.Message):
     def __init__(self, name: _Optional[str] = ..., tensor: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
 
 class ForwardRequest(_message.Message):
-    __slots__ = ("start_block", "end_block", "hidden_states", "position_ids", "attention_mask", "deep_prompts", "lora", "lora_scaling", "adapter")
+    __slots__ = ("start_block", "end_block", "hidden_states", "position_ids", "attention_mask", "deep_prompts", "lora", "lora_scaling", "adapter", "compression")
     START_BLOCK_FIELD_NUMBER: _ClassVar[int]
     END_BLOCK_FIELD_NUMBER: _ClassVar[int]
     HIDDEN_STATES_FIELD_NUMBER: _ClassVar[int]
@@ -171,6 +175,7 @@ class ForwardRequest(_message.Message):
     LORA_FIELD_NUMBER: _ClassVar[int]
     LORA_SCALING_FIELD_NUMBER: _ClassVar[int]
     ADAPTER_FIELD_NUMBER: _ClassVar[int]
+    COMPRESSION_FIELD_NUMBER: _ClassVar[int]
     start_block: int
     end_block: int
     hidden_states: Tensor
@@ -180,7 +185,8 @@ class ForwardRequest(_message.Message):
     lora: _containers.RepeatedCompositeFieldContainer[NamedTensor]
     lora_scaling: float
     adapter: str
-    def __init__(self, start_block: _Optional[int] = ..., end_block: _Optional[int] = ..., hidden_states: _Optional[_Union[Tensor, _Mapping]] = ..., position_ids: _Optional[_Union[Tensor, _Mapping]] = ..., attention_mask: _Optional[_Union[Tensor, _Mapping]] = ..., deep_prompts: _Optional[_Union[Tensor, _Mapping]] = ..., lora: _Optional[_Iterable[_Union[NamedTensor, _Mapping]]] = ..., lora_scaling: _Optional[float] = ..., adapter: _Optional[str] = ...) -> None: ...
+    compression: str
+    def __init__(self, start_block: _Optional[int] = ..., end_block: _Optional[int] = ..., hidden_states: _Optional[_Union[Tensor, _Mapping]] = ..., position_ids: _Optional[_Union[Tensor, _Mapping]] = ..., attention_mask: _Optional[_Union[Tensor, _Mapping]] = ..., deep_prompts: _Optional[_Union[Tensor, _Mapping]] = ..., lora: _Optional[_Iterable[_Union[NamedTensor, _Mapping]]] = ..., lora_scaling: _Optional[float] = ..., adapter: _Optional[str] = ..., compression: _Optional[str] = ...) -> None: ...
 
 class ForwardResponse(_message.Message):
     __slots__ = ("hidden_states",)
