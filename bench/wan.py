@@ -208,15 +208,18 @@ class Wire:
 
 class Bench:
     def __init__(self, args: argparse.Namespace, bed, folder: str, local, work: Path):
-        from tests.netbed import start_forwarder
-
         self.args, self.bed, self.folder, self.local, self.work = args, bed, folder, local, work
         self.processes = []
         self.forwarders: list[subprocess.Popen] = []
         self.results: list[Result] = []
         self.limits: list[str] = []
-        from peer.local_swarm import start_bootstrap
 
+    def start(self) -> None:
+        """The bootstrap node (which also relays for the peer behind NAT) and the forwarders."""
+        from peer.local_swarm import start_bootstrap
+        from tests.netbed import start_forwarder
+
+        args, bed, work, local = self.args, self.bed, self.work, self.local
         node, self.initial_peer = start_bootstrap(launcher=bed["boot"].command)
         self.processes.append(node)
         captures = []
@@ -321,11 +324,15 @@ class Bench:
                 "pushed": lambda: self.wire.measured(lambda: client.generate("pushed", self.prompt, new)),
                 "relayed": lambda: self.wire.measured(lambda: client.generate("relayed", self.prompt, new)),
             }, args.repeats)
+            self._decode_results(count, runs)
             if count == 2 and self.args.compression_mbit:
                 self.compression(client_allowed=allowed)
         finally:
             client.close()
             self.stop_peers(handles)
+
+    def _decode_results(self, count: int, runs: dict[str, Timings]) -> None:
+        args, new = self.args, self.args.new_tokens
         compute_ms = runs["local"].median / new * 1e3
         delay = args.delay_ms
         for mode, crossings, label in (("pushed", count + 1, "peers push"), ("relayed", 2 * count, "client relays")):
@@ -481,25 +488,27 @@ def main() -> None:
     counts = [int(n) for n in args.peers.split(",") if n]
     if any(n > len(PEER_HOSTS) or args.layers % n for n in counts):
         parser.error(f"--peers must divide --layers and be at most {len(PEER_HOSTS)}")
+    # Local transformers on one thread, as each peer computes a decode step (and, with --num-threads 1, a prefill):
+    # on this 2-core machine two threads competing with the bed's processes run several times slower.
+    torch.set_num_threads(1)
     with tempfile.TemporaryDirectory() as folder:
         save_random_checkpoint(folder, model_config(args))
         local = LlamaForCausalLM.from_pretrained(folder).eval()
         params = sum(parameter.numel() for parameter in local.parameters()) / 1e6
         print(f"model: random Llama, {params:.0f}M parameters (hidden {args.hidden}, {args.layers} layers, vocab "
-              f"{args.vocab}), fp32; {args.new_tokens} new tokens after a 16-token prompt, greedy; {args.repeats} "
+              f"{args.vocab}), fp32, local transformers on 1 thread; {args.new_tokens} new tokens after a 16-token prompt, greedy; {args.repeats} "
               f"repeats in turns", flush=True)
         with NetBed(public=["boot", *PEER_HOSTS, "e", "client"], home=["home"]) as bed:
-            bench = None
+            bench = Bench(args, bed, folder, local, Path(folder))
             try:
-                bench = Bench(args, bed, folder, local, Path(folder))
+                bench.start()
                 bench.limit_all(args.mbit)
                 for count in counts:
                     bench.decode(count)
                 if not args.skip_nat:
                     bench.nat()
             finally:
-                if bench is not None:
-                    bench.close()
+                bench.close()
         results = bench.results
         print()
         print(table(results))

@@ -26,6 +26,8 @@ class PeerView:
     next_pings: dict[str, float]
     moving_to: int | None
     adapters: list[str]
+    relay: str  # the relay that reaches it ("" when it is dialled directly)
+    reachability: str  # "direct" or "relayed"
 
     @classmethod
     def of(cls, span: PeerSpan) -> "PeerView":
@@ -33,7 +35,8 @@ class PeerView:
         return cls(
             span.peer_id, record.public_name, record.state.name.lower(), span.start, span.end, record.throughput,
             record.network_throughput, record.cache_tokens_left, record.dtype, record.version, record.address,
-            record.next_pings, record.moving_to, list(record.adapters),
+            record.next_pings, record.moving_to, list(record.adapters), record.relay,
+            "relayed" if record.relay else "direct",
         )
 
 

@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from peer.local_swarm import PeerHandle, SwarmProcess, spawn_cli, start_bootstrap
-from tests.netbed import NetBed, available, read_line
+from swarm import tensors
+from tests.netbed import NetBed, available, read_line, start_forwarder
 from tests.test_training import run_local_blocks
 
 REASON = available()
@@ -33,6 +34,7 @@ class Swarm:
     def __init__(self, bed: NetBed, model: str):
         self.bed, self.model = bed, model
         self.processes: list[SwarmProcess] = []
+        self.forwarders: list[subprocess.Popen] = []
         node, self.initial_peer = start_bootstrap(launcher=bed["boot"].command)
         self.processes.append(node)
 
@@ -63,6 +65,13 @@ class Swarm:
     def stop(self) -> None:
         for process in reversed(self.processes):
             process.stop()
+        for forwarder in self.forwarders:
+            forwarder.terminate()
+            try:
+                forwarder.wait(10)
+            except subprocess.TimeoutExpired:
+                forwarder.kill()
+                forwarder.wait()
 
 
 @pytest.fixture(scope="module")
@@ -126,8 +135,22 @@ def test_a_peer_behind_nat_serves_through_a_relay(swarm, nat_peer, reference, tm
     assert torch.allclose(got["grad"], hidden.grad, atol=1e-4, rtol=0)
 
 
-def test_a_relayed_peer_killed_mid_generation_is_replaced_with_locals_tokens(swarm, nat_peer, reference):
-    replica = swarm.serve("c", "0:4")
+@pytest.fixture(scope="module")
+def replica(swarm):
+    return swarm.serve("c", "0:4")
+
+
+def test_status_shows_which_peers_are_direct_and_which_relayed(swarm, nat_peer):
+    status = swarm.bed["client"].run(
+        [sys.executable, "-m", "peer.cli", "status", "--initial-peers", swarm.initial_peer, "--json"], timeout=60,
+    )
+    (model,) = json.loads(status.stdout)["models"]
+    reached = {peer["peer_id"]: (peer["reachability"], peer["relay"]) for peer in model["peers"]}
+    assert reached[swarm.a.peer_id] == ("direct", "")
+    assert reached[nat_peer.peer_id][0] == "relayed" and reached[nat_peer.peer_id][1] == nat_peer.address
+
+
+def test_a_relayed_peer_killed_mid_generation_is_replaced_with_locals_tokens(swarm, nat_peer, replica, reference):
     allowed = ["--allowed", nat_peer.peer_id, "--allowed", replica.peer_id]
     client = swarm.client("client", *allowed, "--prefer", nat_peer.peer_id, "--pause-after", "3", "--new-tokens", "10",
                           stdin=subprocess.PIPE)
@@ -154,3 +177,37 @@ def test_a_volunteer_behind_nat_joins_and_is_used(swarm, reference, tiny_llama):
     volunteer = PeerHandle.from_online_line(process)
     assert volunteer.reachability == "relayed"
     assert swarm.run_client("client", "--allowed", volunteer.peer_id)["tokens"] == local_tokens(reference)
+
+
+def serve_behind_forwarder(swarm, host: str, port: int, **forwarder) -> tuple[PeerHandle, subprocess.Popen]:
+    """A peer on `host` whose data plane everyone reaches through a forwarder on the same host (port + 1)."""
+    process, address = start_forwarder(swarm.bed[host], f"127.0.0.1:{port}", listen_port=port + 1, **forwarder)
+    swarm.forwarders.append(process)
+    handle = swarm.serve(host, "0:4", "--port", str(port), "--announce-host", swarm.bed[host].ip,
+                         "--announce-port", str(port + 1))
+    assert handle.address == address
+    return handle, process
+
+
+def test_bytes_flipped_on_the_path_fail_the_hop_and_it_is_replaced(swarm, replica, reference):
+    tampered, _ = serve_behind_forwarder(swarm, "a", 41000, flip_after=2500)
+    client = swarm.client("client", "--allowed", tampered.peer_id, "--allowed", replica.peer_id, "--prefer", tampered.peer_id)
+    out, err = client.communicate(timeout=CLIENT_TIMEOUT)
+    assert client.returncode == 0, err.decode()[-3000:]
+    assert json.loads(out.decode().strip().splitlines()[-1])["tokens"] == local_tokens(reference)
+    assert f"peer {tampered.peer_id} failed" in err.decode()  # it was tried, failed, and the replica took over
+
+
+def test_nothing_of_the_hidden_states_is_readable_on_the_wire(swarm, reference, tmp_path):
+    capture = tmp_path / "wire.bin"
+    watched, _ = serve_behind_forwarder(swarm, "b", 42000, capture=str(capture))
+    assert swarm.run_client("client", "--allowed", watched.peer_id)["tokens"] == local_tokens(reference)
+    embeddings = reference.model.embed_tokens(torch.tensor([PROMPT])).detach()
+    first_output = run_local_blocks(reference, embeddings).detach()
+    wire = capture.read_bytes()
+    assert len(wire) > 20_000  # the session's traffic went through the forwarder
+    for known in (embeddings, first_output):
+        raw = tensors.encode(known).data
+        needles = [raw[offset : offset + 16] for offset in range(0, len(raw) - 16, 64)]
+        assert all(needle in raw for needle in needles)  # what a plaintext wire would show
+        assert not any(needle in wire for needle in needles)
