@@ -1,6 +1,7 @@
 """Swarm over a simulated wide-area network, against local transformers measured in the same run (needs root).
 
     python -m bench.wan [--quick] [--delay-ms 20] [--mbit 100] [--new-tokens 32] [--repeats 5] [--json FILE]
+        [--peers 2,4] [--compression-mbit 10 (0: skip)] [--skip-nat]
 
 Hosts are network namespaces (tests/netbed): a bootstrap node, one host per peer, a client host, and a home host
 behind a NAT router. Every host's egress is capped at --mbit (tc tbf). This kernel has no netem, so the delay comes
@@ -27,6 +28,7 @@ import dataclasses
 import json
 import os
 import select
+import signal
 import statistics
 import subprocess
 import sys
@@ -470,6 +472,8 @@ def main() -> None:
     parser.add_argument("--json", default="", help="also write the figures here")
     parser.add_argument("--client", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    # SIGTERM (e.g. `timeout`) unwinds like an exception, so that every process is stopped and the bed removed.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     if args.client:
         client_main(json.loads(args.client))
         return
@@ -512,6 +516,8 @@ def main() -> None:
         results = bench.results
         print()
         print(table(results))
+        if not bench.limits:
+            return
         print()
         print(f"Limits per token ({args.delay_ms:g} ms one way into each peer host, {args.mbit:g} Mbit/s; local "
               f"compute = local transformers' ms/token in this run):")

@@ -124,6 +124,7 @@ class InferenceSession:
         self._batch_size = 0
         self._steps = 0  # step ids: the same on every hop, so that a step that came by push and from us runs once
         self.closed = False
+        self.pushed_steps = 0  # hop steps that reached their peer by push from the previous one (not from us)
 
     @property
     def route(self) -> list[Hop]:
@@ -169,6 +170,7 @@ class InferenceSession:
         while index < len(self._hops):  # a replaced hop may become several: the list can grow while we walk it
             hidden_states, sent = self._run_hop(index, hidden_states, step_fields, sent)
             index += 1
+            self.pushed_steps += sent and index < len(self._hops)
         return hidden_states
 
     def _send(self, index: int, hidden_states: torch.Tensor, step_fields: pb.InferenceStep) -> None:

@@ -8,7 +8,7 @@ import asyncio
 import time
 from collections.abc import Callable
 
-from swarm.dht_records import PeerSpan
+from swarm.dht_records import PeerSpan, ServerState
 
 # A miss re-reads the swarm (a peer that just joined): for the same target at most once a second, and at most ten
 # times a second in all (a client naming a new bogus target every step costs the DHT no more).
@@ -29,7 +29,8 @@ class PeerDirectory:
         self._lock = asyncio.Lock()
 
     def update(self, spans: list[PeerSpan]) -> None:
-        self._spans = {span.peer_id: span for span in spans}
+        """Takes the online peers among `spans` (a joining peer announces no address yet)."""
+        self._spans = {span.peer_id: span for span in spans if span.record.state == ServerState.ONLINE}
         self._read_at = time.monotonic()
 
     async def next_hop(self, peer_id: str, block: int) -> PeerSpan:
@@ -45,7 +46,7 @@ class PeerDirectory:
                     self.update(await asyncio.get_running_loop().run_in_executor(None, self._read_swarm))
             span = self._spans.get(peer_id)
         if span is None:
-            raise PushRefused(f"push target {peer_id!r} is not announced in the swarm")
+            raise PushRefused(f"push target {peer_id!r} is not announced online in the swarm")
         if not _serves(span, block):
             raise PushRefused(f"push target {peer_id!r} is announced for blocks {span.start}:{span.end}, not block {block}")
         return span

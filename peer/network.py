@@ -17,7 +17,15 @@ import hivemind
 from hivemind.utils.crypto import RSAPrivateKey
 
 from swarm.identity import swarm_dht
-from swarm.net.addresses import first_public_host, free_port, is_unspecified, join_host_port, swarm_is_local
+from swarm.net.addresses import (
+    AddressError,
+    first_public_host,
+    free_port,
+    is_loopback,
+    is_unspecified,
+    join_host_port,
+    swarm_is_local,
+)
 from swarm.net.endpoints import server_credentials
 from swarm.net.reachability import Reachability, RendezvousRecord, RendezvousServicer, fetch_rendezvous, probe
 from swarm.net.relay import RelayListener, RelayServer
@@ -63,6 +71,9 @@ def _dht_maddrs(host: str, port: int) -> list[str]:
 async def plan_network(options: NetworkOptions, key: RSAPrivateKey, tls: TLSIdentity) -> NetworkPlan:
     loop = asyncio.get_running_loop()
     local = swarm_is_local(options.initial_peers)
+    if options.announce_host and (is_unspecified(options.announce_host) or (is_loopback(options.announce_host) and not local)):
+        raise AddressError(f"--announce-host {options.announce_host} is an address nobody else can dial; give the "
+                           "one other machines reach this one at (or leave it out to have it found)")
     listen_host = options.host or ("127.0.0.1" if local else "0.0.0.0")
     port = options.port or free_port(listen_host)
     dht_port = options.dht_port or free_port(listen_host)
@@ -95,13 +106,20 @@ async def plan_network(options: NetworkOptions, key: RSAPrivateKey, tls: TLSIden
         notes = [] if found.dht_reachable else ["the DHT port is not reachable: the DHT node runs in client mode"]
         return NetworkPlan(dht, listen_host, port, join_host_port(found.observed_host, announce_port),
                            helps_others=options.relay, notes=notes)
-    if not helpers:
-        raise ConnectionError("no peer of the swarm announces dial-back and relay service, so this peer cannot "
-                              "learn whether it can be reached: give --announce-host (and --announce-port)")
     if not found.relays:
+        probe_dht.shutdown()
+        if not helpers:
+            raise ConnectionError("no node of the swarm offers dial-backs and relaying, so this peer cannot learn "
+                                  "whether it can be reached: give --announce-host (and --announce-port)")
         raise ConnectionError("this peer cannot be dialled from the swarm, and no reachable peer offers a relay")
     relay = random.choice(found.relays)
-    listener = RelayListener(relay.relay_address, key, port)
+
+    async def another_relay(failed: str) -> str | None:
+        helpers = await asyncio.get_running_loop().run_in_executor(None, fetch_rendezvous, probe_dht)
+        others = [helper.relay_address for helper in helpers if helper.relay_address not in ("", failed)]
+        return random.choice(others) if others else None
+
+    listener = RelayListener(relay.relay_address, key, port, choose_relay=another_relay)
     return NetworkPlan(probe_dht, listen_host, port, "", relay=relay.relay_address, reachability="relayed",
                        relay_listener=listener,
                        notes=[f"not reachable from the swarm (seen as {found.observed_host}): serving through relay "

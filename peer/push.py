@@ -44,14 +44,14 @@ class PushSender:
         """Sends `step` to the peer at `endpoint`; False if it could not be handed over (the caller's client sends it)."""
         if self._unreachable_until.get(endpoint, 0.0) > time.monotonic():
             return False
-        stream = self._streams.get(endpoint)
-        if stream is None:
-            stream = self._streams[endpoint] = _PushStream(aio_secure_channel(endpoint, self._options))
         try:
+            stream = self._streams.get(endpoint)
+            if stream is None:
+                stream = self._streams[endpoint] = _PushStream(aio_secure_channel(endpoint, self._options))
             async with stream.lock, asyncio.timeout(PUSH_TIMEOUT):
                 await stream.call.write(step)
             return True
-        except (grpc.RpcError, asyncio.InvalidStateError, TimeoutError) as error:
+        except (grpc.RpcError, asyncio.InvalidStateError, TimeoutError, ValueError) as error:  # ValueError: no address
             logger.info(f"cannot push to {endpoint.describe()}, its steps go through the client for a while: {error!r}")
             self._unreachable_until[endpoint] = time.monotonic() + UNREACHABLE_SECONDS
             await self._drop(endpoint)

@@ -137,6 +137,7 @@ class Peer:
         if self.helpers is not None:
             await self.helpers.start(self.network.listen_host, config.network.relay_port, split_host_port(self.network.address)[0])
         if self.network.relay_listener is not None:
+            self.network.relay_listener.on_move = self._moved_relay
             background.append(asyncio.create_task(self.network.relay_listener.run()))
             await wait_registered(self.network.relay_listener)
         self.address = self.network.address
@@ -170,6 +171,11 @@ class Peer:
         self.servicer.runtime.shutdown()
         self.dht.shutdown()
         print("stopped", flush=True)
+
+    def _moved_relay(self, relay: str) -> None:
+        """Our relay went away and we registered with another: the swarm must know at once."""
+        self.network.relay = relay
+        self.announcer.announce_soon()
 
     def _rendezvous_record(self) -> dict | None:
         """Dial-backs and relaying we offer others, announced while we are online and reachable."""

@@ -140,6 +140,16 @@ def replica(swarm):
     return swarm.serve("c", "0:4")
 
 
+def test_steps_are_pushed_to_a_peer_behind_nat_through_its_relay(swarm, reference):
+    second_half = swarm.serve("nat_client", "2:4")  # a second home machine, serving the chain's end
+    assert second_half.reachability == "relayed"
+    result = swarm.run_client("client", "--allowed", swarm.a.peer_id, "--allowed", second_half.peer_id)
+    assert result["tokens"] == local_tokens(reference)
+    assert result["route"] == [swarm.a.peer_id, second_half.peer_id]
+    assert result["pushed_steps"] == 8  # every step went from peer a to the relayed peer directly (prefill + 7)
+    second_half.process.stop()
+
+
 def test_status_shows_which_peers_are_direct_and_which_relayed(swarm, nat_peer):
     status = swarm.bed["client"].run(
         [sys.executable, "-m", "peer.cli", "status", "--initial-peers", swarm.initial_peer, "--json"], timeout=60,

@@ -15,6 +15,7 @@ import asyncio
 import base64
 import logging
 import secrets
+from collections.abc import Awaitable, Callable
 from contextlib import suppress
 
 from hivemind.dht.crypto import RSASignatureValidator
@@ -160,27 +161,43 @@ class RelayServer:
 
 class RelayListener:
     """The NAT'd peer's side: keeps a control connection to the relay and connects each tunnel it announces to the
-    local data plane at `local_port`."""
+    local data plane at `local_port`. After FAILURES_BEFORE_MOVING failed attempts in a row it asks
+    `choose_relay` for another relay (None: keep trying this one) and tells `on_move` (the peer re-announces)."""
 
-    def __init__(self, relay: str, key: RSAPrivateKey, local_port: int):
-        self.relay, self.key, self.local_port = relay, key, local_port
-        self.host, _, port = relay.rpartition(":")
-        self.port = int(port)
+    FAILURES_BEFORE_MOVING = 3
+
+    def __init__(self, relay: str, key: RSAPrivateKey, local_port: int,
+                 choose_relay: Callable[[str], Awaitable[str | None]] | None = None,
+                 on_move: Callable[[str], None] = lambda _relay: None):
+        self.key, self.local_port = key, local_port
+        self.choose_relay, self.on_move = choose_relay, on_move
+        self._use(relay)
         self.registered = asyncio.Event()
         self._tunnels: set[asyncio.Task] = set()
 
+    def _use(self, relay: str) -> None:
+        self.relay = relay
+        self.host, _, port = relay.rpartition(":")
+        self.host, self.port = self.host.strip("[]"), int(port)
+
     async def run(self) -> None:
         """Stays registered until cancelled, reconnecting after a lost control connection."""
-        backoff = 0.5
+        backoff, failures = 0.5, 0
         while True:
             try:
                 await self._serve_once()
-                backoff = 0.5
             except (ConnectionError, OSError, ValueError, TimeoutError, asyncio.IncompleteReadError) as error:
                 logger.warning(f"relay {self.relay}: {error!r}; reconnecting in {backoff:.1f}s")
+            failures = 0 if self.registered.is_set() else failures + 1
             self.registered.clear()
+            if failures >= self.FAILURES_BEFORE_MOVING and self.choose_relay is not None:
+                if (other := await self.choose_relay(self.relay)) is not None and other != self.relay:
+                    logger.warning(f"relay {self.relay} is gone; moving to relay {other}")
+                    self._use(other)
+                    self.on_move(other)
+                    failures, backoff = 0, 0.5
             await asyncio.sleep(backoff)
-            backoff = min(backoff * 2, 10.0)
+            backoff = 0.5 if failures == 0 else min(backoff * 2, 10.0)
 
     async def _serve_once(self) -> None:
         reader, writer = await asyncio.wait_for(asyncio.open_connection(self.host, self.port), HANDSHAKE_TIMEOUT)

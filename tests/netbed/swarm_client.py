@@ -69,8 +69,10 @@ def main() -> None:
             options.update(top_k=20, temperature=0.9)
         if args.pause_after is not None:
             options["streamer"] = PauseAfter(args.pause_after)
-        tokens = model.generate(inputs, **options)
-        print(json.dumps({"tokens": tokens[0].tolist()}), flush=True)
+        with model.inference_session(max_length=inputs.shape[1] + args.new_tokens) as session:
+            tokens = model.generate(inputs, **options)
+            route = [hop.peer.peer_id for hop in session.route]
+        print(json.dumps({"tokens": tokens[0].tolist(), "route": route, "pushed_steps": session.pushed_steps}), flush=True)
     finally:
         model.close()
 
