@@ -283,16 +283,13 @@ class Bench:
             host.limit_bandwidth(mbit)
 
     def close(self) -> None:
+        from tests.netbed import stop_forwarder
+
         for process in reversed(self.processes):
             with contextlib.suppress(Exception):
                 process.stop()
         for forwarder in self.forwarders:
-            forwarder.terminate()
-            try:
-                forwarder.wait(5)
-            except subprocess.TimeoutExpired:
-                forwarder.kill()
-                forwarder.wait()
+            stop_forwarder(forwarder)
 
     # -- local transformers -------------------------------------------------------------------------------------
 

@@ -12,7 +12,7 @@ import torch
 
 from peer.local_swarm import PeerHandle, SwarmProcess, spawn_cli, start_bootstrap
 from swarm import tensors
-from tests.netbed import NetBed, available, read_line, start_forwarder
+from tests.netbed import NetBed, available, read_line, start_forwarder, stop_forwarder
 from tests.test_training import run_local_blocks
 
 REASON = available()
@@ -66,12 +66,7 @@ class Swarm:
         for process in reversed(self.processes):
             process.stop()
         for forwarder in self.forwarders:
-            forwarder.terminate()
-            try:
-                forwarder.wait(10)
-            except subprocess.TimeoutExpired:
-                forwarder.kill()
-                forwarder.wait()
+            stop_forwarder(forwarder)
 
 
 @pytest.fixture(scope="module")

@@ -8,6 +8,7 @@ from hivemind.utils import get_dht_time
 from peer.local_swarm import spawn_cli, start_peers
 from swarm.checkpoint import Checkpoint
 from swarm.dht_records import ServerState, block_key, fetch_peer_spans
+from swarm.net.tls import TLSIdentity
 from swarm.identity import identity_of, own_subkey, swarm_dht
 
 
@@ -60,10 +61,12 @@ def test_forged_records_for_another_peer_are_rejected(tiny_llama, bootstrap):
         assert not forger.store(block_key(prefix, 0), fake, expiration, subkey=peer.peer_id)
         spans = [span for span in fetch_peer_spans(forger, prefix, 4, states=tuple(ServerState)) if span.peer_id == peer.peer_id]
         assert [span.record for span in spans] == [genuine.record]
-        # The forger's honest record under its own identity is accepted.
-        assert forger.store(block_key(prefix, 1), fake, expiration, subkey=own_subkey(forger_validator))
+        # The forger's honest record under its own identity (with its own certificate) is accepted.
+        forger_identity = identity_of(forger_validator.local_public_key)
+        honest = dict(fake, certificate=TLSIdentity(forger_validator._private_key, forger_identity).certificate)
+        assert forger.store(block_key(prefix, 1), honest, expiration, subkey=own_subkey(forger_validator))
         seen = {span.peer_id for span in fetch_peer_spans(forger, prefix, 4, states=tuple(ServerState))}
-        assert identity_of(forger_validator.local_public_key) in seen
+        assert forger_identity in seen
     finally:
         forger.shutdown()
         peer.process.stop()

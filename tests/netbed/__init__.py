@@ -8,9 +8,9 @@
 """
 
 from .bed import HOME_NET, PUBLIC_NET, ROUTER_HOME_IP, ROUTER_PUBLIC_IP, Host, NetBed, available, sweep_stale
-from .launch import read_line, start_forwarder
+from .launch import read_line, start_forwarder, stop_forwarder
 
 __all__ = [
     "HOME_NET", "PUBLIC_NET", "ROUTER_HOME_IP", "ROUTER_PUBLIC_IP",
-    "Host", "NetBed", "available", "read_line", "start_forwarder", "sweep_stale",
+    "Host", "NetBed", "available", "read_line", "start_forwarder", "stop_forwarder", "sweep_stale",
 ]

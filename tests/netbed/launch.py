@@ -61,3 +61,13 @@ def start_forwarder(host: "Host", to: str, delay_ms: float = 0, flip_after: int 
             proc.wait(5)
         raise
     return proc, address
+
+
+def stop_forwarder(proc: subprocess.Popen, timeout: float = 5.0) -> None:
+    """SIGTERM, then SIGKILL if it has not exited within `timeout` seconds."""
+    proc.terminate()
+    try:
+        proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
