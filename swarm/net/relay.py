@@ -26,7 +26,9 @@ from swarm.identity import identity_of
 logger = logging.getLogger(__name__)
 
 HANDSHAKE_TIMEOUT = 10.0
-MAX_HEADER_BYTES = 8192
+# A stream's buffer: what a handshake line may take at most, and how much a tunnel reads ahead (a small one would
+# pause the socket every few KiB of a prefill's megabytes).
+STREAM_LIMIT = 256 * 1024
 MAX_REGISTERED = 256
 MAX_TUNNELS = 1024
 PIPE_CHUNK = 256 * 1024
@@ -67,7 +69,7 @@ class RelayServer:
         return sorted(self._listeners)
 
     async def start(self, host: str, port: int) -> int:
-        self._server = await asyncio.start_server(self._handle, host, port, limit=MAX_HEADER_BYTES)
+        self._server = await asyncio.start_server(self._handle, host, port, limit=STREAM_LIMIT)
         return self._server.sockets[0].getsockname()[1]
 
     async def stop(self) -> None:
@@ -225,9 +227,11 @@ class RelayListener:
 
     async def _open_tunnel(self, token: str) -> None:
         try:
-            relay_side = await asyncio.wait_for(asyncio.open_connection(self.host, self.port), HANDSHAKE_TIMEOUT)
+            relay_side = await asyncio.wait_for(
+                asyncio.open_connection(self.host, self.port, limit=STREAM_LIMIT), HANDSHAKE_TIMEOUT
+            )
             relay_side[1].write(f"SWARM-ACCEPT {token}\r\n\r\n".encode())
-            local_side = await asyncio.open_connection("127.0.0.1", self.local_port)
+            local_side = await asyncio.open_connection("127.0.0.1", self.local_port, limit=STREAM_LIMIT)
         except (ConnectionError, OSError, TimeoutError) as error:
             logger.warning(f"relay {self.relay}: could not open a tunnel: {error!r}")
             return
