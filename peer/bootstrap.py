@@ -11,7 +11,7 @@ from hivemind.utils.crypto import RSAPrivateKey
 
 from peer.network import HelperServices
 from swarm.identity import identity_of, load_or_create_key, own_subkey, swarm_dht
-from swarm.net.addresses import first_public_host, free_port, is_loopback, is_unspecified, join_host_port
+from swarm.net.addresses import first_public_host, free_port, is_public_maddr, is_unspecified, join_host_port, tcp_maddr
 from swarm.net.endpoints import server_credentials
 from swarm.net.reachability import RENDEZVOUS_KEY
 from swarm.net.tls import TLSIdentity
@@ -26,13 +26,12 @@ async def run_bootstrap(host: str, port: int, announce_host: str | None, rpc_por
     validator = RSASignatureValidator(key)
     identity = identity_of(validator.local_public_key)
     tls = TLSIdentity(key, identity)
-    maddr = f"/ip6/{host}/tcp/{port}" if ":" in host else f"/ip4/{host}/tcp/{port}"
-    announce_maddrs = [maddr.replace(host, announce_host, 1)] if announce_host else None
+    announce_maddrs = [tcp_maddr(announce_host, port)] if announce_host else None
     dht = await loop.run_in_executor(
-        None, lambda: swarm_dht(key, start=True, host_maddrs=[maddr], announce_maddrs=announce_maddrs)[0]
+        None, lambda: swarm_dht(key, start=True, host_maddrs=[tcp_maddr(host, port)], announce_maddrs=announce_maddrs)[0]
     )
     visible = [str(address) for address in dht.get_visible_maddrs()]
-    public = [address for address in visible if "/ip4/127." not in address and "/ip6/::1/" not in address]
+    public = [address for address in visible if is_public_maddr(address)]
     if announce_host is None:
         announce_host = host if not is_unspecified(host) else first_public_host(public) or "127.0.0.1"
     server = grpc.aio.server()
@@ -49,7 +48,8 @@ async def run_bootstrap(host: str, port: int, announce_host: str | None, rpc_por
         dht.store(RENDEZVOUS_KEY, subkey=subkey, value=record, expiration_time=get_dht_time() + 2 * ANNOUNCE_PERIOD)
 
     await loop.run_in_executor(None, announce)
-    for address in public + [address for address in visible if address not in public] if not is_loopback(host) else visible:
+    # Addresses other machines can dial first: the first line is what a user copies.
+    for address in public + [address for address in visible if address not in public]:
         print(f"--initial-peers {address}", flush=True)
     print(f"dial-back at {join_host_port(announce_host, rpc_port)}, relay at {helpers.relay_address}", flush=True)
     stopping = asyncio.Event()

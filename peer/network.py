@@ -25,6 +25,7 @@ from swarm.net.addresses import (
     is_unspecified,
     join_host_port,
     swarm_is_local,
+    tcp_maddr,
 )
 from swarm.net.endpoints import server_credentials
 from swarm.net.reachability import Reachability, RendezvousRecord, RendezvousServicer, fetch_rendezvous, probe
@@ -64,10 +65,6 @@ class NetworkPlan:
     notes: list[str] = field(default_factory=list)
 
 
-def _dht_maddrs(host: str, port: int) -> list[str]:
-    return [f"/ip6/{host}/tcp/{port}" if ":" in host else f"/ip4/{host}/tcp/{port}"]
-
-
 async def plan_network(options: NetworkOptions, key: RSAPrivateKey, tls: TLSIdentity) -> NetworkPlan:
     loop = asyncio.get_running_loop()
     local = swarm_is_local(options.initial_peers)
@@ -82,8 +79,8 @@ async def plan_network(options: NetworkOptions, key: RSAPrivateKey, tls: TLSIden
     def start_dht(client_mode: bool = False, announce_host: str | None = None, port: int = dht_port) -> hivemind.DHT:
         return swarm_dht(
             key, initial_peers=options.initial_peers, start=True, client_mode=client_mode,
-            host_maddrs=_dht_maddrs(listen_host, port),
-            announce_maddrs=_dht_maddrs(announce_host, dht_port) if announce_host else None,
+            host_maddrs=[tcp_maddr(listen_host, port)],
+            announce_maddrs=[tcp_maddr(announce_host, dht_port)] if announce_host else None,
         )[0]
 
     if options.announce_host or local or not options.initial_peers:

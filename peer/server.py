@@ -98,7 +98,8 @@ class Peer:
         config = self.config
         loop = asyncio.get_running_loop()
         key = load_or_create_key(config.identity_path) if config.identity_path else RSAPrivateKey()
-        self.identity = identity_of(RSASignatureValidator(key).local_public_key)
+        validator = RSASignatureValidator(key)
+        self.identity = identity_of(validator.local_public_key)
         self.tls = TLSIdentity(key, self.identity)
         self.network = await plan_network(config.network, key, self.tls)
         for note in self.network.notes:
@@ -108,7 +109,7 @@ class Peer:
         self.throughput = self.throughputs.get(self._throughput_key()) or 0.0  # known before loading if measured once
         self.helpers = HelperServices() if self.network.helps_others else None
         self.announcer = Announcer(
-            self.dht, own_subkey(RSASignatureValidator(key)), self.model_prefix, self._model_info(), self._record,
+            self.dht, own_subkey(validator), self.model_prefix, self._model_info(), self._record,
             config.announce_period, rendezvous=self._rendezvous_record,
         )
         await self.announcer.announce()  # joining

@@ -43,13 +43,20 @@ def swarm_is_local(initial_peers: list[str]) -> bool:
     return bool(initial_peers) and all(is_loopback(maddr_host(maddr) or "") for maddr in initial_peers)
 
 
+def tcp_maddr(host: str, port: int) -> str:
+    """The multiaddr a DHT node listens on or announces for host:port."""
+    return f"/ip6/{host}/tcp/{port}" if ":" in host else f"/ip4/{host}/tcp/{port}"
+
+
+def is_public_maddr(maddr: str) -> bool:
+    """Whether another machine could dial this multiaddr (not loopback, not unspecified)."""
+    host = maddr_host(str(maddr))
+    return bool(host) and not is_loopback(host) and not is_unspecified(host)
+
+
 def first_public_host(maddrs) -> str | None:
     """The first address among a DHT node's visible multiaddrs that another machine could dial (not loopback)."""
-    for maddr in maddrs:
-        host = maddr_host(str(maddr))
-        if host and not is_loopback(host) and not is_unspecified(host):
-            return host
-    return None
+    return next((maddr_host(str(maddr)) for maddr in maddrs if is_public_maddr(maddr)), None)
 
 
 def split_host_port(address: str) -> tuple[str, int]:
