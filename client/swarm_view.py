@@ -14,16 +14,16 @@ from client.transport import PeerConnections
 from swarm.constants import PROTOCOL_VERSION, SPAN_MOVED_STATUS
 from swarm.dht_records import PeerSpan, fetch_peer_spans
 from swarm.errors import MissingBlocksError, RemoteError
-from swarm.identity import swarm_dht
+from swarm.dht_node import InitialPeersError, swarm_dht
 from swarm.routing import Hop, lowest_cost_chain, spread_chain, with_cache_room
 from swarm.wire import swarm_peer_pb2 as pb
 
 logger = logging.getLogger(__name__)
 
 
-# Answers that mean the peer is fine but does not serve the blocks that its record, which we routed by, said:
-# it moved (load balancing) since we read it.
-STALE_ROUTE = {SPAN_MOVED_STATUS, "OUT_OF_RANGE"}
+# The answer that means the peer is fine but does not serve the blocks that its record, which we routed by, said:
+# it moved (load balancing) since we read it. (OUT_OF_RANGE, a step past the session's max_length, is the caller's.)
+STALE_ROUTE = {SPAN_MOVED_STATUS}
 # Answers that mean the peer (not the request) failed.
 PEER_FAILURES = {
     "UNAVAILABLE", "CANCELLED", "CLOSED", "DEADLINE_EXCEEDED", "INTERNAL", "UNKNOWN", "PROTOCOL", "RESOURCE_EXHAUSTED",
@@ -53,6 +53,10 @@ class SwarmView:
     ):
         self.model_prefix, self.num_blocks, self.config = model_prefix, num_blocks, config
         self.connections = connections
+        if dht is None and not config.initial_peers:  # else a lone DHT node that finds no peer, and a wrong hint
+            raise InitialPeersError("initial_peers is empty: give the multiaddr of a DHT node of the swarm, e.g. "
+                                    "initial_peers=['/ip4/203.0.113.7/tcp/31337/p2p/12D3KooW...'] (what "
+                                    "`swarm-peer bootstrap` printed)")
         self.dht = dht or swarm_dht(initial_peers=config.initial_peers, client_mode=True, start=True)[0]
         self._rtts: dict[str, tuple[float, float]] = {}  # peer id -> (round trip seconds, measured at)
         self._rng = random.Random()

@@ -2,6 +2,7 @@
 
 import asyncio
 import logging
+import time
 from collections.abc import Callable
 
 import hivemind
@@ -37,7 +38,8 @@ class Announcer:
         """Ask for an announcement now (e.g. the cache filled up) instead of at the next period."""
         self._wake.set()
 
-    async def announce(self) -> None:
+    async def announce(self, timeout: float | None = None) -> None:
+        """Stores our records; waits at most `timeout` seconds (default: a period) for the DHT to take them."""
         record = self.record()
         expiration_time = get_dht_time() + 2 * self.period
         # After a move, the old blocks get the new record too: it names the new span, so no reader routes there.
@@ -47,9 +49,10 @@ class Announcer:
         values = {key: record.to_dict() for key in keys}
         if (rendezvous := self.rendezvous()) is not None:
             values[RENDEZVOUS_KEY] = rendezvous
-        await asyncio.get_running_loop().run_in_executor(None, self._store, values, expiration_time)
+        timeout = self.period if timeout is None else timeout
+        await asyncio.get_running_loop().run_in_executor(None, self._store, values, expiration_time, timeout)
 
-    def _store(self, values: dict[str, dict], expiration_time: float) -> None:
+    def _store(self, values: dict[str, dict], expiration_time: float, timeout: float) -> None:
         futures = [
             self.dht.store(key, subkey=self.subkey, value=value, expiration_time=expiration_time, return_future=True)
             for key, value in values.items()
@@ -60,7 +63,8 @@ class Announcer:
                 expiration_time=expiration_time, return_future=True,
             )
         )
-        if not all(future.result() for future in futures):
+        deadline = time.monotonic() + timeout  # a dead DHT process never answers: never wait on it unbounded
+        if not all(future.result(timeout=max(0.0, deadline - time.monotonic())) for future in futures):
             logger.warning("some DHT records were not stored; will retry at the next announcement")
 
     async def run(self) -> None:

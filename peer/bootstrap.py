@@ -10,7 +10,8 @@ from hivemind.utils import get_dht_time
 from hivemind.utils.crypto import RSAPrivateKey
 
 from peer.network import HelperServices
-from swarm.identity import identity_of, load_or_create_key, own_subkey, swarm_dht
+from swarm.dht_node import swarm_dht
+from swarm.identity import identity_of, load_or_create_key, own_subkey
 from swarm.net.addresses import first_public_host, free_port, is_public_maddr, is_unspecified, join_host_port, tcp_maddr
 from swarm.net.endpoints import server_credentials
 from swarm.net.reachability import RENDEZVOUS_KEY

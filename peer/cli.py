@@ -8,8 +8,20 @@ import threading
 
 import click
 
-from swarm.net.addresses import AddressError
 from swarm.constants import DEFAULT_ANNOUNCE_PERIOD, DEFAULT_BANDWIDTH_MBPS, DEFAULT_MAX_MESSAGE_BYTES
+from swarm.errors import SwarmError
+from swarm.net.addresses import AddressError
+
+
+class SwarmCommandGroup(click.Group):
+    """A mistake the user can fix (a malformed address, initial peers nobody answers at) ends any command with one
+    line naming it, not a traceback."""
+
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except (SwarmError, AddressError) as error:
+            raise click.ClickException(str(error)) from None
 
 
 def _parse_blocks(_ctx, _param, value: str | None) -> tuple[int, int] | None:
@@ -26,6 +38,8 @@ def _parse_blocks(_ctx, _param, value: str | None) -> tuple[int, int] | None:
 
 _PEER_OPTIONS = [
     click.option("--initial-peers", multiple=True, help="Multiaddr of a DHT node of the swarm (repeatable)."),
+    click.option("--new-swarm", is_flag=True, help="Start a new swarm instead of joining one (no --initial-peers); "
+                 "others join it with the --initial-peers line this peer prints."),
     click.option("--host", help="Address the data plane and the DHT node listen on (default: every interface; "
                  "loopback when every initial peer is on loopback, a swarm on this machine)."),
     click.option("--port", default=0, show_default=True, help="Data-plane (gRPC over TLS) port (0: any free port)."),
@@ -63,8 +77,8 @@ def peer_options(command):
     return functools.reduce(lambda decorated, option: option(decorated), reversed(_PEER_OPTIONS), command)
 
 
-def run_peer(model_path: str, blocks, num_blocks: int | None, device: str, dtype: str, initial_peers, host, port,
-             dht_port, announce_host, announce_port, relay, relay_port, cache_tokens, announce_period, session_timeout,
+def run_peer(model_path: str, blocks, num_blocks: int | None, device: str, dtype: str, initial_peers, new_swarm: bool,
+             host, port, dht_port, announce_host, announce_port, relay, relay_port, cache_tokens, announce_period, session_timeout,
              max_message_mb, public_name, num_threads, balance_period, bandwidth_mbps, identity_path, adapters) -> None:
     """Runs a peer until SIGINT/SIGTERM."""
     import uvloop
@@ -72,6 +86,14 @@ def run_peer(model_path: str, blocks, num_blocks: int | None, device: str, dtype
     from peer.network import NetworkOptions
     from peer.server import Peer, PeerConfig
 
+    if not initial_peers and not new_swarm:
+        raise click.UsageError("give --initial-peers MULTIADDR (a line `swarm-peer bootstrap` printed) to join a "
+                               "swarm, or --new-swarm to start one")
+    if initial_peers and new_swarm:
+        raise click.UsageError("--new-swarm starts a swarm of its own: leave out --initial-peers")
+    from swarm.dht_node import check_initial_peers
+
+    check_initial_peers(list(initial_peers))  # before the checkpoint loads: a typo is told in a second
     network = NetworkOptions(
         initial_peers=list(initial_peers), host=host, port=port, dht_port=dht_port, announce_host=announce_host,
         announce_port=announce_port, relay=relay, relay_port=relay_port,
@@ -94,7 +116,7 @@ def run_peer(model_path: str, blocks, num_blocks: int | None, device: str, dtype
         raise click.ClickException(str(error)) from None
 
 
-@click.group()
+@click.group(cls=SwarmCommandGroup)
 def main() -> None:
     """Run a Swarm peer (a DHT bootstrap node, or a server for a span of a model's blocks), or look at the swarm."""
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -129,7 +151,7 @@ def _wait_for_signal() -> None:
 
 def swarm_reader(initial_peers):
     """A client-mode DHT node for looking at the swarm (it stores nothing)."""
-    from swarm.identity import swarm_dht
+    from swarm.dht_node import swarm_dht
 
     if not initial_peers:
         raise click.UsageError("give --initial-peers: the multiaddr of any DHT node of the swarm")
@@ -172,7 +194,12 @@ def monitor(initial_peers, host: str, port: int, refresh: float) -> None:
     from peer.monitor import Dashboard
 
     dht = swarm_reader(initial_peers)
-    dashboard = Dashboard(dht, host, port, refresh)
+    try:
+        dashboard = Dashboard(dht, host, port, refresh)
+    except OSError as error:  # the port is taken, or the host is not an address of this machine
+        dht.shutdown()
+        raise click.ClickException(f"cannot serve the dashboard at {host}:{port}: {error.strerror or error}; "
+                                   "choose another --port or --host") from None
     dashboard.start()
     print(f"dashboard at {dashboard.url}", flush=True)
     _wait_for_signal()

@@ -16,12 +16,13 @@ import grpc
 import hivemind
 from hivemind.utils.crypto import RSAPrivateKey
 
-from swarm.identity import swarm_dht
+from swarm.dht_node import swarm_dht
 from swarm.net.addresses import (
     AddressError,
     first_public_host,
     free_port,
     is_loopback,
+    is_public_maddr,
     is_unspecified,
     join_host_port,
     swarm_is_local,
@@ -87,9 +88,13 @@ async def plan_network(options: NetworkOptions, key: RSAPrivateKey, tls: TLSIden
         announce_host = options.announce_host or ("127.0.0.1" if is_unspecified(listen_host) else listen_host)
         dht = await loop.run_in_executor(None, start_dht, False, options.announce_host)
         notes = []
-        if not options.announce_host and not local:  # a new swarm: nobody to ask how we are seen
-            announce_host = first_public_host(dht.get_visible_maddrs()) or announce_host
-            notes.append(f"no --initial-peers: starting a new swarm, announcing {announce_host} (set --announce-host if others see us elsewhere)")
+        if not options.initial_peers:  # a new swarm: nobody to ask how we are seen, and others need our address
+            visible = dht.get_visible_maddrs()
+            if not options.announce_host:
+                announce_host = first_public_host(visible) or announce_host
+                notes.append(f"new swarm: announcing {announce_host} (set --announce-host if others see us elsewhere)")
+            joinable = [str(maddr) for maddr in visible if is_public_maddr(str(maddr))] or [str(maddr) for maddr in visible]
+            notes.append(f"--initial-peers {joinable[0]}")
         address = join_host_port(announce_host, announce_port)
         return NetworkPlan(dht, listen_host, port, address, reachability="local" if local else "direct",
                            helps_others=options.relay, notes=notes)

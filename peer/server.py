@@ -39,6 +39,8 @@ from swarm.wire import swarm_peer_pb2_grpc as pb_grpc
 
 logger = logging.getLogger(__name__)
 
+OFFLINE_ANNOUNCE_TIMEOUT = 5.0
+
 
 @dataclass
 class PeerConfig:
@@ -162,7 +164,10 @@ class Peer:
             task.cancel()
         await asyncio.gather(*background, return_exceptions=True)
         self.state = ServerState.OFFLINE
-        await self.announcer.announce()  # same lifetime as before: the DHT keeps the record that expires last
+        try:  # same lifetime as before: the DHT keeps the record that expires last
+            await self.announcer.announce(timeout=OFFLINE_ANNOUNCE_TIMEOUT)
+        except Exception as error:  # e.g. the whole process group was stopped and the DHT daemon is gone
+            logger.warning(f"could not announce going offline ({error!r}); our records expire by themselves")
         await server.stop(grace=5)
         await self.servicer.pusher.close()
         if self.network.relay_listener is not None:

@@ -5,6 +5,7 @@ from dataclasses import dataclass
 import torch
 
 from swarm import tensors
+from swarm.constants import SPAN_MOVED_STATUS
 from swarm.wire import swarm_peer_pb2 as pb
 
 
@@ -27,7 +28,7 @@ def check_block_range(start: int, end: int, served_start: int, served_end: int) 
     if not (served_start <= start < end <= served_end):
         raise InvalidRequest(
             f"blocks {start}:{end} are not served here; this peer serves blocks {served_start}:{served_end}",
-            code="OUT_OF_RANGE",
+            code=SPAN_MOVED_STATUS,  # the caller routed by a record older than the peer's span: a stale route
         )
 
 

@@ -11,7 +11,7 @@ import sys
 
 import click
 
-from peer.cli import peer_options, run_peer, swarm_reader
+from peer.cli import SwarmCommandGroup, peer_options, run_peer, swarm_reader
 
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(i?)b?\s*$", re.IGNORECASE)
 
@@ -27,7 +27,7 @@ def parse_size(_ctx, _param, value: str | None) -> int | None:
     return int(float(number) * (1024 if binary else 1000) ** " kmgt".index(unit.lower() or " "))
 
 
-@click.group()
+@click.group(cls=SwarmCommandGroup)
 def main() -> None:
     """Contribute this machine's compute to a Swarm."""
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -63,6 +63,8 @@ def join(model, models_dir, max_memory, num_blocks, device, **options) -> None:
     from swarm.dht_records import fetch_models
     from swarm.tensors import DTYPE_NAMES
 
+    if options["new_swarm"]:
+        raise click.UsageError("volunteer join joins a running swarm; start a new one with swarm-peer serve --new-swarm")
     dht = swarm_reader(options["initial_peers"])
     try:
         entry = choose_model(dht, fetch_models(dht), model)

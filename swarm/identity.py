@@ -10,7 +10,6 @@ rejected when stored (wrong signature) or ignored when read (identity not derive
 import hashlib
 from pathlib import Path
 
-import hivemind
 from hivemind.dht.crypto import RSASignatureValidator
 from hivemind.dht.validation import DHTRecord, RecordValidatorBase
 from hivemind.utils import MSGPackSerializer
@@ -71,10 +70,3 @@ class BytesSubkeyValidator(RecordValidatorBase):
             return isinstance(MSGPackSerializer.loads(record.subkey), bytes)
         except Exception:  # not even msgpack: garbage
             return False
-
-
-def swarm_dht(private_key: RSAPrivateKey | None = None, **kwargs) -> tuple[hivemind.DHT, RSASignatureValidator]:
-    """A DHT node that enforces the swarm's record rules (every node of the swarm must), and its signer (with
-    `private_key`, or a fresh key: a new identity)."""
-    validator = RSASignatureValidator(private_key or RSAPrivateKey())
-    return hivemind.DHT(record_validators=[validator, BytesSubkeyValidator()], **kwargs), validator

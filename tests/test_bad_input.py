@@ -76,7 +76,7 @@ def test_bad_steps_are_refused_and_change_nothing(stub):
 def test_session_open_errors(stub):
     with pytest.raises(grpc.RpcError) as error:
         RawSession(stub, "range", blocks=(2, 6))
-    assert error.value.code() == grpc.StatusCode.OUT_OF_RANGE and "this peer serves blocks 0:4" in error.value.details()
+    assert error.value.code() == grpc.StatusCode.ABORTED and "this peer serves blocks 0:4" in error.value.details()
     with pytest.raises(grpc.RpcError) as error:
         RawSession(stub, "huge", max_length=CACHE_TOKENS + 1)
     assert error.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "whole pool" in error.value.details()
@@ -116,7 +116,7 @@ def test_forward_errors(stub):
     ok = forward(start_block=0, end_block=4, hidden_states=tensors.encode(hidden(tokens=3)))
     assert list(tensors.decode(ok.hidden_states).shape) == [1, 3, HIDDEN]
     cases = [
-        (dict(start_block=3, end_block=5), grpc.StatusCode.OUT_OF_RANGE, "not served here"),
+        (dict(start_block=3, end_block=5), grpc.StatusCode.ABORTED, "not served here"),
         (dict(start_block=0, end_block=4, hidden_states=tensors.encode(hidden(size=3))), grpc.StatusCode.INVALID_ARGUMENT, "hidden_states must be"),
         (dict(start_block=0, end_block=4, hidden_states=pb.Tensor(data=b"abc", shape=[1], dtype="complex")), grpc.StatusCode.INVALID_ARGUMENT, "unknown dtype"),
     ]
@@ -171,7 +171,7 @@ def test_backward_errors(stub):
     cases = [
         (torch.ones(1, 2, HIDDEN), inputs, grpc.StatusCode.INVALID_ARGUMENT, "grad_outputs must be"),
         (torch.full((1, 3, HIDDEN), float("inf")), inputs, grpc.StatusCode.INVALID_ARGUMENT, "NaN or Inf"),
-        (torch.ones(1, 3, HIDDEN), unserved, grpc.StatusCode.OUT_OF_RANGE, "not served here"),
+        (torch.ones(1, 3, HIDDEN), unserved, grpc.StatusCode.ABORTED, "not served here"),
         (torch.ones(1, 3, HIDDEN), with_request(deep_prompts=prompts([3, 1, 2, HIDDEN])), grpc.StatusCode.INVALID_ARGUMENT, "deep_prompts must be [4, 1, prefix, 64]"),
         (torch.ones(1, 3, HIDDEN), with_request(deep_prompts=prompts([4, 1, 5, HIDDEN])), grpc.StatusCode.INVALID_ARGUMENT, "cover 5 positions"),
         (torch.ones(1, 3, HIDDEN), with_request(lora=[lora("0.self_attn.q_proj.lora_A", [2, HIDDEN])], lora_scaling=1),

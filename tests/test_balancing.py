@@ -15,7 +15,7 @@ from swarm.checkpoint import Checkpoint
 from swarm.checkpoint_maker import save_random_checkpoint, tiny_llama_config
 from swarm.coverage import block_servers, block_throughputs
 from swarm.dht_records import PeerSpan, ServerState, fetch_peer_spans
-from swarm.identity import swarm_dht
+from swarm.dht_node import swarm_dht
 
 pytestmark = pytest.mark.slow
 

@@ -3,7 +3,6 @@
 import asyncio
 import threading
 
-import grpc
 import torch
 
 from client import AutoDistributedModelForCausalLM

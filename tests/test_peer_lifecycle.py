@@ -9,7 +9,8 @@ from peer.local_swarm import spawn_cli, start_peers
 from swarm.checkpoint import Checkpoint
 from swarm.dht_records import ServerState, block_key, fetch_peer_spans
 from swarm.net.tls import TLSIdentity
-from swarm.identity import identity_of, own_subkey, swarm_dht
+from swarm.dht_node import swarm_dht
+from swarm.identity import identity_of, own_subkey
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])

@@ -80,6 +80,80 @@ async def _hold(pool: CachePool, num_pages: int) -> None:
         assert len(pages) == num_pages
 
 
+def test_cache_pool_zero_timeout_takes_free_room_at_once():
+    async def scenario():
+        pool = CachePool(num_pages=8, page_size=16)
+        async with pool.reserve(1, timeout=0) as pages:
+            assert len(pages) == 1
+            with pytest.raises(CacheExhaustedError, match="stayed full for 0.0s"):
+                async with pool.reserve(8, timeout=0):
+                    pass
+        assert pool.free_tokens == 8 * 16
+
+    asyncio.run(scenario())
+
+
+def test_cache_pool_serves_waiting_sessions_in_order():
+    """612 of 1024 tokens held, 512 waiting: a later 128 waits behind it (else small sessions starve large ones)."""
+
+    async def scenario():
+        pool = CachePool(num_pages=64, page_size=16)
+        granted: list[str] = []
+        release = {name: asyncio.Event() for name in ("held", "large", "small")}
+
+        async def session(name: str, pages: int, timeout: float = 5.0) -> None:
+            async with pool.reserve(pages, timeout):
+                granted.append(name)
+                await release[name].wait()
+
+        tasks = [asyncio.create_task(session("held", 39))]  # 624 tokens held, 400 free
+        await asyncio.sleep(0.01)
+        tasks.append(asyncio.create_task(session("large", 32)))  # 512: waits for the held session
+        await asyncio.sleep(0.01)
+        tasks.append(asyncio.create_task(session("small", 8)))  # 128 would fit now, but comes after the large one
+        await asyncio.sleep(0.05)
+        assert granted == ["held"]
+        with pytest.raises(CacheExhaustedError, match="2 session"):  # nor may a zero-timeout request jump the line
+            async with pool.reserve(1, timeout=0):
+                pass
+        release["held"].set()
+        await asyncio.sleep(0.05)
+        assert granted == ["held", "large", "small"]
+        release["large"].set(), release["small"].set()
+        await asyncio.wait_for(asyncio.gather(*tasks), 1)
+        assert pool.free_tokens == 64 * 16
+
+    asyncio.run(scenario())
+
+
+def test_cache_pool_a_waiter_that_gives_up_lets_the_next_in():
+    async def scenario():
+        pool = CachePool(num_pages=10, page_size=16)
+        async with pool.reserve(6, timeout=0):
+            impatient = asyncio.create_task(_hold_for(pool, 8, timeout=0.1))
+            await asyncio.sleep(0.01)
+            patient = asyncio.create_task(_hold_for(pool, 4, timeout=5))
+            await asyncio.sleep(0.01)
+            assert not patient.done()
+            with pytest.raises(CacheExhaustedError):
+                await impatient
+            await asyncio.wait_for(patient, 1)  # 4 fit beside the 6 held once the 8 in front of it gave up
+            cancelled = asyncio.create_task(_hold_for(pool, 8, timeout=5))
+            await asyncio.sleep(0.01)
+            cancelled.cancel()
+            await asyncio.gather(cancelled, return_exceptions=True)
+            async with pool.reserve(4, timeout=0):  # the cancelled waiter left the line
+                pass
+        assert pool.free_tokens == 10 * 16
+
+    asyncio.run(scenario())
+
+
+async def _hold_for(pool: CachePool, num_pages: int, timeout: float) -> None:
+    async with pool.reserve(num_pages, timeout):
+        pass
+
+
 def test_lowest_cost_chain_avoids_slow_peers_and_extra_hops():
     spans = [span("slow", 0, 4), span("fast-a", 0, 2), span("fast-b", 2, 4), span("fast", 0, 4)]
     delay = {"slow": 50.0, "fast-a": 1.0, "fast-b": 1.0, "fast": 1.0}

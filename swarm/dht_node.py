@@ -1,0 +1,72 @@
+"""Starting this process's node of the swarm's DHT: checked initial peers, one clear error when none answers, and a
+DHT process whose lifetime its parent owns.
+
+hivemind runs the DHT in a child process (and the libp2p daemon under that). A supervisor's stop (systemd, `timeout`,
+`kill -- -PGID`) sends SIGTERM to the whole process group; hivemind's child ignores SIGINT but not SIGTERM, so it
+died first and every later DHT call of the parent (the offline announcement) waited forever on a dead process.
+"""
+
+import signal
+
+import hivemind
+from hivemind.dht.crypto import RSASignatureValidator
+from hivemind.p2p.p2p_daemon_bindings.utils import P2PDaemonError
+from hivemind.utils.crypto import RSAPrivateKey
+from hivemind.utils.multiaddr import Multiaddr
+
+from swarm.errors import SwarmError
+from swarm.identity import BytesSubkeyValidator
+
+DHT_START_TIMEOUT = 60.0  # seconds a DHT node may take to join (hivemind's p2pd gives up on bootstrap peers sooner)
+
+
+class InitialPeersError(SwarmError):
+    """An initial peer that is not a multiaddr of a DHT node, or initial peers of which none answered."""
+
+
+class SwarmDHT(hivemind.DHT):
+    """hivemind's DHT whose process leaves SIGTERM to its parent, which shuts it down after announcing offline."""
+
+    def run(self) -> None:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        super().run()
+
+    def shutdown(self) -> None:
+        super().shutdown()  # asks the process to stop, then falls back to SIGTERM, which it ignores
+        if self.is_alive():
+            self.kill()
+            self.join(self.shutdown_timeout)
+
+
+def check_initial_peers(addresses: list[str]) -> list[str]:
+    """The addresses as given, each checked to be a multiaddr naming a DHT node ("/ip4/HOST/tcp/PORT/p2p/ID")."""
+    for address in addresses:
+        try:
+            Multiaddr(address).value_for_protocol("p2p")
+        except Exception as error:  # hivemind's multiaddr raises a handful of parse and lookup errors
+            raise InitialPeersError(
+                f"initial peer {address!r} is not a DHT node's multiaddr ({error}); copy one of the "
+                "'--initial-peers /ip4/.../tcp/.../p2p/...' lines a bootstrap node or peer printed"
+            ) from None
+    return list(addresses)
+
+
+def swarm_dht(private_key: RSAPrivateKey | None = None, *, start: bool = False,
+              **kwargs) -> tuple[hivemind.DHT, RSASignatureValidator]:
+    """A DHT node that enforces the swarm's record rules (every node of the swarm must), and its signer (with
+    `private_key`, or a fresh key: a new identity). With `start`, it has joined the swarm when this returns."""
+    initial_peers = check_initial_peers(list(kwargs.pop("initial_peers", None) or []))
+    validator = RSASignatureValidator(private_key or RSAPrivateKey())
+    dht = SwarmDHT(record_validators=[validator, BytesSubkeyValidator()], initial_peers=initial_peers, start=False, **kwargs)
+    if start:
+        try:
+            dht.run_in_background(await_ready=True, timeout=DHT_START_TIMEOUT)
+        except P2PDaemonError as error:
+            dht.shutdown()
+            if "bootstrap peers" in str(error):
+                raise InitialPeersError(
+                    f"none of the initial peers answered ({', '.join(initial_peers)}): is the bootstrap node "
+                    "running, and is that address reachable from here? Check --initial-peers"
+                ) from None
+            raise
+    return dht, validator
