@@ -125,6 +125,9 @@ class InferenceSession:
         self._steps = 0  # step ids: the same on every hop, so that a step that came by push and from us runs once
         self.closed = False
         self.pushed_steps = 0  # hop steps that reached their peer by push from the previous one (not from us)
+        self.output_ids: torch.Tensor | None = None  # what `generate` made in this session so far (Petals' name)
+        self.output_mask: torch.Tensor | None = None  # and its attention mask
+        self._rollback_to: int | None = None  # a rollback asked for by an empty step, sent with the next tokens
 
     @property
     def route(self) -> list[Hop]:
@@ -248,6 +251,15 @@ class InferenceSession:
         if self.closed:
             raise SwarmError("this inference session is closed")
         batch, new_tokens = hidden_states.shape[:2]
+        if start_position is not None and not 0 <= start_position <= self.position:
+            raise SwarmError(f"start_position {start_position} is outside the session's 0..{self.position} tokens")
+        if new_tokens == 0:  # nothing to compute (generate continuing with nothing new): no round trip, as in Petals
+            if start_position is not None and start_position != self.position:
+                self._rollback_to, self.position = start_position, start_position
+            return hidden_states
+        if start_position is None:
+            start_position = self._rollback_to
+        self._rollback_to = None
         first = self.position if start_position is None else start_position
         if first + new_tokens > self.max_length:
             raise SwarmError(

@@ -184,13 +184,58 @@ class DistributedCausalLMMixin:
         prompts = self.prompt_tuning.num_prefix_tokens if self.prompt_tuning is not None else 0
         model_kwargs["past_key_values"] = RemotePastKeyValues(session, prompts)
 
-    def generate(self, *args, **kwargs):
+    def generate(self, inputs: torch.Tensor | None = None, *args, session: InferenceSession | None = None, **kwargs):
+        """`transformers`' generate on the swarm. Inside `inference_session()`, pass the whole sequence each time, as
+        with a local cache. With `session=` (Petals' way), or with no inputs inside an active session, the call
+        continues that session: `inputs` are only the tokens after what it generated so far, and the result leaves
+        those earlier tokens out."""
+        if inputs is None:
+            inputs = kwargs.pop("input_ids", None)
+        if session is None and inputs is None and self._active_session is not None:
+            session = self._active_session
+        if session is None:
+            return self._generate_and_record(inputs, *args, **kwargs)
+        earlier = 0 if session.output_ids is None else session.output_ids.shape[1]
+        if earlier:
+            inputs = session.output_ids if inputs is None else torch.cat([session.output_ids, inputs], dim=1)
+            if kwargs.get("attention_mask") is not None:
+                kwargs["attention_mask"] = torch.cat([session.output_mask, kwargs["attention_mask"]], dim=1)
+        with self._using(session):
+            result = self._generate_and_record(inputs, *args, **kwargs)
+        if isinstance(result, torch.Tensor):
+            return result[:, earlier:]
+        result.sequences = result.sequences[:, earlier:]
+        return result
+
+    def _generate_and_record(self, inputs, *args, **kwargs):
+        """Runs generate; an active session remembers the tokens (and their mask) for a call that continues it."""
         try:
-            return super().generate(*args, **kwargs)
+            result = super().generate(inputs, *args, **kwargs)
         finally:
             if self._implicit_session is not None:
                 self._implicit_session.close()
                 self._implicit_session = None
+        session = self._active_session
+        if session is not None:
+            sequences = result if isinstance(result, torch.Tensor) else result.sequences
+            mask = kwargs.get("attention_mask")
+            if mask is None:
+                mask = torch.ones_like(sequences)
+            mask = mask.repeat_interleave(sequences.shape[0] // mask.shape[0], dim=0)  # num_return_sequences
+            generated = sequences.shape[1] - mask.shape[1]
+            session.output_ids = sequences
+            session.output_mask = torch.cat([mask, mask.new_ones(mask.shape[0], generated)], dim=1)
+        return result
+
+    @contextlib.contextmanager
+    def _using(self, session: InferenceSession) -> Iterator[None]:
+        if self._active_session is not None and self._active_session is not session:
+            raise SwarmError("another inference session is active on this model; generate(session=...) needs that one")
+        previous, self._active_session = self._active_session, session
+        try:
+            yield
+        finally:
+            self._active_session = previous
 
     def close(self) -> None:
         """Leave the swarm: close connections and this client's DHT node."""
@@ -231,7 +276,10 @@ class AutoDistributedModelForCausalLM:
         if missing:
             raise SwarmError(f"checkpoint {checkpoint.path} lacks client-side tensors: {missing[:5]}")
         model.config = config  # the real number of blocks, for generate and for users
-        model._attach_remote(family, RemoteSequential(checkpoint.model_prefix(), config.num_hidden_layers, client_config))
+        remote = RemoteSequential(checkpoint.model_prefix(), config.num_hidden_layers, client_config)
+        model._attach_remote(family, remote)
+        owner, _, name = family.layers_prefix.rpartition(".")  # where the blocks were: model.layers, transformer.h
+        setattr(model.get_submodule(owner), name, remote)  # indexable and sliceable there, as in Petals
         model = model.to(dtype).eval().requires_grad_(False)
         huge_pages.move_parameters(model)
         model._attach_tuning(tuning_mode, num_prefix_tokens, lora_config)

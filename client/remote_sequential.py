@@ -1,6 +1,7 @@
 """RemoteSequential: a differentiable torch module standing for a range of the model's blocks, run by peers."""
 
 import math
+from collections.abc import Iterator
 
 import grpc
 import torch
@@ -34,11 +35,37 @@ class RemoteSequential(nn.Module):
     ):
         super().__init__()
         self.model_prefix, self.config = model_prefix, config
-        self.connections = PeerConnections(config.max_message_bytes)
-        self.view = view or SwarmView(model_prefix, num_blocks, config, self.connections)
+        self.view = view or SwarmView(model_prefix, num_blocks, config, PeerConnections(config.max_message_bytes))
+        self.connections = self.view.connections
         self.start_block = start_block
         self.end_block = num_blocks if end_block is None else end_block
         self.codec = check_codec(config.compression)  # activations on the wire, both ways
+
+    def __len__(self) -> int:
+        return self.end_block - self.start_block
+
+    def __getitem__(self, index: int | slice) -> "RemoteSequential":
+        """Block `index`, or a contiguous range of blocks, as a RemoteSequential on the same swarm view (as in
+        Petals: `model.transformer.h[3:6]`); indices count from this sequence's first block."""
+        if isinstance(index, slice):
+            start, stop, step = index.indices(len(self))
+            if step != 1 or start >= stop:
+                raise IndexError(f"a RemoteSequential slice must be contiguous and non-empty, got {index}")
+        else:
+            start = index + len(self) if index < 0 else index
+            if not 0 <= start < len(self):
+                raise IndexError(f"block index {index} is out of range for {len(self)} blocks")
+            stop = start + 1
+        return RemoteSequential(
+            self.model_prefix, self.view.num_blocks, self.config, self.view,
+            self.start_block + start, self.start_block + stop,
+        )
+
+    def __iter__(self) -> Iterator["RemoteSequential"]:
+        return (self[index] for index in range(len(self)))
+
+    def extra_repr(self) -> str:
+        return f"blocks {self.start_block}:{self.end_block} of {self.model_prefix}"
 
     def forward(
         self,

@@ -240,6 +240,12 @@ class SwarmPeerServicer(pb_grpc.SwarmPeerServicer):
             except InvalidRequest as error:
                 await context.write(_step_error(step, str(error), error.code))
                 return
+            if work.hidden_states.shape[1] == 0:  # nothing new (Petals answers the same): nothing to compute
+                session.last_step_id = step.step_id
+                await context.write(pb.InferenceResponse(result=pb.StepResult(
+                    step_id=step.step_id, hidden_states=tensors.encode(work.hidden_states), position=session.position,
+                )))
+                return
             if session.span_start != self.span.start:
                 await context.abort(
                     getattr(grpc.StatusCode, SPAN_MOVED_STATUS), f"this peer moved to blocks "
@@ -280,9 +286,11 @@ class SwarmPeerServicer(pb_grpc.SwarmPeerServicer):
         first_position = session.position if start_position is None else start_position
         inputs = decode_span_inputs(
             step.hidden_states, step.position_ids, step.attention_mask,
-            self.hidden_size, self.dtype, session.batch_size, first_position,
+            self.hidden_size, self.dtype, session.batch_size, first_position, allow_no_tokens=True,
         )
         new_tokens = inputs.hidden_states.shape[1]
+        if new_tokens == 0 and (start_position is not None or tensors.is_set(step.beam_reorder)):
+            raise InvalidRequest("a step with no tokens cannot roll back or reorder the cache; send that with the next tokens")
         if first_position + new_tokens > session.max_length:
             raise InvalidRequest(
                 f"this step would take the session to {first_position + new_tokens} tokens, past its max_length "

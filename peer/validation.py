@@ -32,14 +32,16 @@ def check_block_range(start: int, end: int, served_start: int, served_end: int) 
         )
 
 
-def check_hidden_states(hidden: torch.Tensor, hidden_size: int, dtype: torch.dtype, batch_size: int | None) -> None:
+def check_hidden_states(
+    hidden: torch.Tensor, hidden_size: int, dtype: torch.dtype, batch_size: int | None, allow_no_tokens: bool = False
+) -> None:
     if hidden.ndim != 3 or hidden.shape[-1] != hidden_size:
         raise InvalidRequest(f"hidden_states must be [batch, tokens, {hidden_size}], got {list(hidden.shape)}")
     if hidden.dtype != dtype:
         raise InvalidRequest(f"hidden_states must be {dtype} (this peer's dtype), got {hidden.dtype}")
     if batch_size is not None and hidden.shape[0] != batch_size:
         raise InvalidRequest(f"the session was opened for batch size {batch_size}, got {hidden.shape[0]}")
-    if hidden.shape[0] == 0 or hidden.shape[1] == 0:
+    if hidden.shape[0] == 0 or (hidden.shape[1] == 0 and not allow_no_tokens):
         raise InvalidRequest(f"hidden_states must not be empty, got {list(hidden.shape)}")
     if not torch.isfinite(hidden).all():
         raise InvalidRequest("hidden_states contain NaN or Inf")
@@ -62,10 +64,12 @@ def decode_span_inputs(
     dtype: torch.dtype,
     batch_size: int | None,
     first_position: int,
+    allow_no_tokens: bool = False,
 ) -> SpanInputs:
-    """Decodes hidden states, positions and mask; positions default to first_position + arange, mask to ones."""
+    """Decodes hidden states, positions and mask; positions default to first_position + arange, mask to ones.
+    `allow_no_tokens`: a [batch, 0, hidden] step is valid (an inference step with nothing new)."""
     hidden = decode_tensor(hidden_msg, "hidden_states")
-    check_hidden_states(hidden, hidden_size, dtype, batch_size)
+    check_hidden_states(hidden, hidden_size, dtype, batch_size, allow_no_tokens)
     batch, length = hidden.shape[:2]
     if tensors.is_set(position_msg):
         position_ids = decode_tensor(position_msg, "position_ids")
@@ -73,8 +77,7 @@ def decode_span_inputs(
             raise InvalidRequest(
                 f"position_ids must be int64 [{batch}, {length}], got {position_ids.dtype} {list(position_ids.shape)}"
             )
-        lowest, highest = position_ids.aminmax()
-        if lowest < 0 or highest >= 2**31:
+        if length and not 0 <= position_ids.min() <= position_ids.max() < 2**31:
             raise InvalidRequest("position_ids must be in [0, 2**31)")
     else:
         position_ids = torch.arange(first_position, first_position + length).expand(batch, length)

@@ -53,6 +53,9 @@ def test_bad_steps_are_refused_and_change_nothing(stub):
         "INVALID_ARGUMENT", "position_ids must be int64 [1, 1]",
     )
     expect_error(session.send(hidden(), beam_reorder=tensors.encode(torch.tensor([3]))), "INVALID_ARGUMENT", "beam_reorder")
+    empty = session.send(hidden(tokens=0)).result  # what transformers sends with nothing new: answered, as in Petals
+    assert list(empty.hidden_states.shape) == [1, 0, HIDDEN] and empty.position == 0
+    expect_error(session.send(hidden(tokens=0), start_position=0, has_start_position=True), "INVALID_ARGUMENT", "no tokens")
 
     # Nothing changed: the session's first real step gives what a fresh session gives.
     result = session.send(hidden(seed=2)).result
