@@ -55,7 +55,9 @@ class HopSession:
         try:
             return next(self._call)
         except grpc.RpcError as error:
-            raise RemoteError(self.peer, error.code().name, error.details() or f"no answer within {timeout:.1f}s") from None
+            if WATCHDOG.disarm(self._call):  # we cancelled it: say why, not "Locally cancelled by application"
+                raise RemoteError(self.peer, "DEADLINE_EXCEEDED", f"no answer within {timeout:.1f}s") from None
+            raise RemoteError(self.peer, error.code().name, error.details() or "") from None
         except StopIteration:
             raise RemoteError(self.peer, "CLOSED", "the peer closed the session") from None
         finally:

@@ -59,6 +59,7 @@ class StreamWatchdog:
 
     def __init__(self, tick: float = 0.25):
         self._deadlines: dict[int, tuple[float, grpc.Future]] = {}
+        self._fired: set[int] = set()  # calls this watchdog cancelled (their error says CANCELLED, not why)
         self._lock = threading.Lock()
         self._tick = tick
         threading.Thread(target=self._watch, name="swarm-stream-watchdog", daemon=True).start()
@@ -67,9 +68,14 @@ class StreamWatchdog:
         with self._lock:
             self._deadlines[id(call)] = (time.monotonic() + timeout, call)
 
-    def disarm(self, call) -> None:
+    def disarm(self, call) -> bool:
+        """Stops watching the call; True if it was cancelled for waiting past its deadline."""
         with self._lock:
             self._deadlines.pop(id(call), None)
+            if id(call) in self._fired:
+                self._fired.discard(id(call))
+                return True
+            return False
 
     def _watch(self) -> None:
         while True:
@@ -78,6 +84,7 @@ class StreamWatchdog:
             with self._lock:
                 expired = [key for key, (deadline, _) in self._deadlines.items() if deadline < now]
                 calls = [self._deadlines.pop(key)[1] for key in expired]
+                self._fired.update(expired)
             for call in calls:
                 call.cancel()
 

@@ -53,19 +53,21 @@ class Announcer:
         await asyncio.get_running_loop().run_in_executor(None, self._store, values, expiration_time, timeout)
 
     def _store(self, values: dict[str, dict], expiration_time: float, timeout: float) -> None:
-        futures = [
-            self.dht.store(key, subkey=self.subkey, value=value, expiration_time=expiration_time, return_future=True)
+        own = {
+            key: self.dht.store(key, subkey=self.subkey, value=value, expiration_time=expiration_time, return_future=True)
             for key, value in values.items()
-        ]
-        futures.append(
-            self.dht.store(
-                MODEL_INDEX_KEY, subkey=self.model_prefix.encode(), value=self.model_info,
-                expiration_time=expiration_time, return_future=True,
-            )
+        }
+        # The model's index entry is shared by every peer of the model: a refusal only means that another peer's
+        # entry lasts longer, so it is waited for but not judged.
+        index = self.dht.store(
+            MODEL_INDEX_KEY, subkey=self.model_prefix.encode(), value=self.model_info,
+            expiration_time=expiration_time, return_future=True,
         )
         deadline = time.monotonic() + timeout  # a dead DHT process never answers: never wait on it unbounded
-        if not all(future.result(timeout=max(0.0, deadline - time.monotonic())) for future in futures):
-            logger.warning("some DHT records were not stored; will retry at the next announcement")
+        failed = [key for key, future in own.items() if not future.result(timeout=max(0.0, deadline - time.monotonic()))]
+        index.result(timeout=max(0.0, deadline - time.monotonic()))
+        if failed:
+            logger.warning(f"DHT records {failed} were not stored; will retry at the next announcement")
 
     async def run(self) -> None:
         """Announce every `period` seconds (or sooner when asked) until cancelled."""

@@ -62,10 +62,23 @@ class SwarmProcess:
         return self.process.returncode
 
 
-def spawn_cli(*args: str, module: str = "peer.cli", launcher: Callable[[list[str]], list[str]] | None = None) -> SwarmProcess:
+def process_group_gone(pgid: int, timeout: float) -> bool:
+    """Waits (up to `timeout` seconds) until no process of the group is left; False if some still is."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            os.killpg(pgid, 0)
+        except ProcessLookupError:
+            return True
+        time.sleep(0.1)
+    return False
+
+
+def spawn_cli(*args: str, module: str = "peer.cli", launcher: Callable[[list[str]], list[str]] | None = None,
+              env: dict[str, str] | None = None) -> SwarmProcess:
     """Runs `python -m peer.cli ARGS` (or another module exposing the same CLI, e.g. a test's instrumented one);
-    `launcher` wraps the command line (e.g. to run it in a test bed's network namespace)."""
-    env = dict(os.environ, PYTHONUNBUFFERED="1", TQDM_DISABLE="1")
+    `launcher` wraps the command line (e.g. to run it in a test bed's network namespace); `env` adds variables."""
+    env = dict(os.environ, PYTHONUNBUFFERED="1", TQDM_DISABLE="1", **(env or {}))
     argv = [sys.executable, "-m", module, *args]
     process = subprocess.Popen(
         launcher(argv) if launcher else argv,

@@ -5,7 +5,7 @@ import time
 
 import grpc
 
-from swarm.dht_records import PeerSpan
+from swarm.dht_records import PeerSpan, ServerState
 from swarm.net.endpoints import Endpoint, aio_secure_channel
 from swarm.wire import swarm_peer_pb2 as pb
 from swarm.wire import swarm_peer_pb2_grpc as pb_grpc
@@ -33,6 +33,9 @@ async def ping(endpoint: Endpoint) -> float | None:
 
 async def ping_successors(spans: list[PeerSpan], own_id: str, end_block: int) -> dict[str, float]:
     """Pings (at most MAX_PINGED of) the peers that hold block `end_block`, where a chain through us goes next."""
-    successors = [span for span in spans if span.peer_id != own_id and span.start <= end_block < span.end][:MAX_PINGED]
+    successors = [
+        span for span in spans
+        if span.peer_id != own_id and span.record.state == ServerState.ONLINE and span.start <= end_block < span.end
+    ][:MAX_PINGED]  # a peer still joining has no address yet
     rtts = await asyncio.gather(*(ping(span.endpoint) for span in successors))
     return {span.peer_id: rtt for span, rtt in zip(successors, rtts) if rtt is not None}

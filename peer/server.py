@@ -15,12 +15,12 @@ from hivemind.utils.crypto import RSAPrivateKey
 
 from peer.adapters import AdapterError, HostedAdapter, load_adapter, parse_adapter_option
 from peer.announcer import Announcer
-from peer.directory import PeerDirectory
-from peer.network import HelperServices, NetworkOptions, plan_network, wait_registered
 from peer.block_selection import DEFAULT_MARGIN, better_start, choose_start, planned_spans
+from peer.directory import PeerDirectory
 from peer.handler import SwarmPeerServicer
 from peer.kv_pages import PAGE_SIZE, PagedKV
 from peer.memory_pool import CachePool
+from peer.network import HelperServices, NetworkOptions, plan_network, wait_registered
 from peer.pings import ping_successors
 from peer.runtime import ComputeRuntime
 from peer.throughput import ThroughputCache, measure_throughput, network_throughput
@@ -96,6 +96,30 @@ class Peer:
         self.stopping = asyncio.Event()
 
     async def run(self) -> None:
+        """Starts, serves until SIGINT/SIGTERM, and stops; a signal during start-up stops what has started so far."""
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGINT, signal.SIGTERM):  # from the first moment: a service manager may stop us early
+            loop.add_signal_handler(signum, self.stopping.set)
+        self.dht = self.server = self.helpers = self.servicer = self.announcer = self.network = None
+        self.background: list[asyncio.Task] = []
+        starting = asyncio.ensure_future(self._start())
+        stopping = asyncio.ensure_future(self.stopping.wait())
+        try:
+            await asyncio.wait({starting, stopping}, return_when=asyncio.FIRST_COMPLETED)
+            if starting.done():
+                starting.result()  # a start-up error ends the run here (after the clean-up below)
+                await stopping
+                print("shutting down: announcing offline, letting open requests finish", flush=True)
+            else:
+                print("stopping before going online", flush=True)
+                starting.cancel()
+                await asyncio.gather(starting, return_exceptions=True)
+        finally:
+            stopping.cancel()
+            await self._stop()
+        print("stopped", flush=True)
+
+    async def _start(self) -> None:
         started = time.perf_counter()
         config = self.config
         loop = asyncio.get_running_loop()
@@ -123,32 +147,32 @@ class Peer:
             config.max_message_bytes, config.session_idle_timeout, on_cache_change=self.announcer.announce_soon,
             adapters=self._load_adapters(self.span), directory=self.directory,
         )
-        server = grpc.aio.server(
+        self.server = grpc.aio.server(
             options=[
                 ("grpc.max_receive_message_length", config.max_message_bytes),
                 ("grpc.max_send_message_length", config.max_message_bytes),
                 ("grpc.so_reuseport", 0),
             ]
         )
-        pb_grpc.add_SwarmPeerServicer_to_server(self.servicer, server)
+        pb_grpc.add_SwarmPeerServicer_to_server(self.servicer, self.server)
         if self.helpers is not None:
-            self.helpers.add_to(server)
+            self.helpers.add_to(self.server)
         listen = join_host_port(self.network.listen_host, self.network.port)
-        server.add_secure_port(listen, server_credentials(self.tls.certificate, self.tls.private_key_pem))
-        await server.start()
-        background = [asyncio.create_task(self._ping_forever())]
+        self.server.add_secure_port(listen, server_credentials(self.tls.certificate, self.tls.private_key_pem))
+        await self.server.start()
+        self.background.append(asyncio.create_task(self._ping_forever()))
         if self.helpers is not None:
             await self.helpers.start(self.network.listen_host, config.network.relay_port, split_host_port(self.network.address)[0])
         if self.network.relay_listener is not None:
             self.network.relay_listener.on_move = self._moved_relay
-            background.append(asyncio.create_task(self.network.relay_listener.run()))
+            self.background.append(asyncio.create_task(self.network.relay_listener.run()))
             await wait_registered(self.network.relay_listener)
         self.address = self.network.address
         self.state = ServerState.ONLINE
         await self.announcer.announce()  # online before we say so, so that whoever waits for this line finds us
-        background.append(asyncio.create_task(self.announcer.run()))
+        self.background.append(asyncio.create_task(self.announcer.run()))
         if config.blocks is None:
-            background.append(asyncio.create_task(self._balance_forever()))
+            self.background.append(asyncio.create_task(self._balance_forever()))
         where = f"via relay {self.network.relay}" if self.network.relay else f"at {self.address}"
         print(
             f"peer {self.identity} online: blocks {self.start}:{self.end} of {self.model_prefix} "
@@ -156,27 +180,30 @@ class Peer:
             f"{self.network.reachability}, ready in {time.perf_counter() - started:.1f}s",
             flush=True,
         )
-        for signum in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(signum, self.stopping.set)
-        await self.stopping.wait()
-        print("shutting down: announcing offline, letting open requests finish", flush=True)
-        for task in background:
+
+    async def _stop(self) -> None:
+        """Stops whatever `_start` got to, in order: background work, the offline announcement, the server (open
+        requests finish), pushes, relaying, compute threads, and the DHT node last."""
+        for task in self.background:
             task.cancel()
-        await asyncio.gather(*background, return_exceptions=True)
-        self.state = ServerState.OFFLINE
-        try:  # same lifetime as before: the DHT keeps the record that expires last
-            await self.announcer.announce(timeout=OFFLINE_ANNOUNCE_TIMEOUT)
-        except Exception as error:  # e.g. the whole process group was stopped and the DHT daemon is gone
-            logger.warning(f"could not announce going offline ({error!r}); our records expire by themselves")
-        await server.stop(grace=5)
-        await self.servicer.pusher.close()
-        if self.network.relay_listener is not None:
+        await asyncio.gather(*self.background, return_exceptions=True)
+        if self.announcer is not None:
+            self.state = ServerState.OFFLINE
+            try:  # same lifetime as before: the DHT keeps the record that expires last
+                await self.announcer.announce(timeout=OFFLINE_ANNOUNCE_TIMEOUT)
+            except Exception as error:  # e.g. the whole process group was stopped and the DHT daemon is gone
+                logger.warning(f"could not announce going offline ({error!r}); our records expire by themselves")
+        if self.server is not None:
+            await self.server.stop(grace=5)
+        if self.servicer is not None:
+            await self.servicer.pusher.close()
+            self.servicer.runtime.shutdown()
+        if self.network is not None and self.network.relay_listener is not None:
             await self.network.relay_listener.close()
         if self.helpers is not None:
             await self.helpers.stop()
-        self.servicer.runtime.shutdown()
-        self.dht.shutdown()
-        print("stopped", flush=True)
+        if self.network is not None:
+            self.network.dht.shutdown()
 
     def _moved_relay(self, relay: str) -> None:
         """Our relay went away and we registered with another: the swarm must know at once."""

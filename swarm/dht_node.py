@@ -6,7 +6,10 @@ hivemind runs the DHT in a child process (and the libp2p daemon under that). A s
 died first and every later DHT call of the parent (the offline announcement) waited forever on a dead process.
 """
 
+import os
 import signal
+import threading
+import time
 
 import hivemind
 from hivemind.dht.crypto import RSASignatureValidator
@@ -17,6 +20,7 @@ from hivemind.utils.multiaddr import Multiaddr
 from swarm.errors import SwarmError
 from swarm.identity import BytesSubkeyValidator
 
+ORPHAN_CHECK_PERIOD = 1.0  # seconds between the DHT process's checks that its parent is alive
 DHT_START_TIMEOUT = 60.0  # seconds a DHT node may take to join (hivemind's p2pd gives up on bootstrap peers sooner)
 
 
@@ -25,11 +29,20 @@ class InitialPeersError(SwarmError):
 
 
 class SwarmDHT(hivemind.DHT):
-    """hivemind's DHT whose process leaves SIGTERM to its parent, which shuts it down after announcing offline."""
+    """hivemind's DHT whose process leaves SIGTERM to its parent, which shuts it down after announcing offline, and
+    which shuts itself down if the parent dies first (killed before it could)."""
 
     def run(self) -> None:
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        threading.Thread(target=self._follow_parent, args=(os.getppid(),), name="dht-parent-watch", daemon=True).start()
         super().run()
+
+    def _follow_parent(self, parent: int) -> None:
+        while os.getppid() == parent:
+            time.sleep(ORPHAN_CHECK_PERIOD)
+        self._outer_pipe.send(("_shutdown", [], {}))  # what the parent's shutdown() would have sent
+        time.sleep(self.shutdown_timeout)
+        os._exit(0)  # the libp2p daemon did not answer (it got the same signal): leave anyway
 
     def shutdown(self) -> None:
         super().shutdown()  # asks the process to stop, then falls back to SIGTERM, which it ignores

@@ -5,7 +5,9 @@ The model is built on the meta device (free), then only the tensors asked for ar
 expert tensors) exactly as `from_pretrained` would.
 """
 
+import contextlib
 import copy
+from collections.abc import Iterator
 
 import torch
 from torch import nn
@@ -13,6 +15,7 @@ from transformers import PretrainedConfig
 from transformers.conversion_mapping import get_model_conversion_mapping
 from transformers.core_model_loading import convert_and_load_state_dict_in_model
 from transformers.modeling_utils import LoadStateDictConfig
+from transformers.utils import logging as hf_logging
 
 from swarm.checkpoint import Checkpoint
 from swarm.families import Family
@@ -45,7 +48,19 @@ def load_parts(
     # transformers looks conversions up by class name: a subclass (the client's model) must use its parent's.
     conversion_model = model if type(model) is family.causal_lm_class else meta_model(family, model.config, 0)
     load_config = LoadStateDictConfig(weight_mapping=get_model_conversion_mapping(conversion_model), dtype=dtype)
-    convert_and_load_state_dict_in_model(model, state, load_config)
+    with _without_transformers_progress_bar():  # ours (`progress`) already counted these tensors
+        convert_and_load_state_dict_in_model(model, state, load_config)
+
+
+@contextlib.contextmanager
+def _without_transformers_progress_bar() -> Iterator[None]:
+    enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if enabled:
+            hf_logging.enable_progress_bar()
 
 
 def _cast_parameters(model: nn.Module, dtype: torch.dtype) -> None:

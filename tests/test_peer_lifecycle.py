@@ -1,16 +1,20 @@
 """A peer announces joining -> online -> offline, and shuts down cleanly on SIGTERM and SIGINT."""
 
+import contextlib
+import os
 import signal
+import subprocess
+import sys
 
 import pytest
 from hivemind.utils import get_dht_time
 
-from peer.local_swarm import spawn_cli, start_peers
+from peer.local_swarm import process_group_gone, spawn_cli, start_peers
 from swarm.checkpoint import Checkpoint
-from swarm.dht_records import ServerState, block_key, fetch_peer_spans
-from swarm.net.tls import TLSIdentity
 from swarm.dht_node import swarm_dht
+from swarm.dht_records import ServerState, block_key, fetch_peer_spans
 from swarm.identity import identity_of, own_subkey
+from swarm.net.tls import TLSIdentity
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
@@ -76,3 +80,22 @@ def test_forged_records_for_another_peer_are_rejected(tiny_llama, bootstrap):
 def _subkey_of(dht, prefix: str, identity: str) -> bytes:
     entry = dht.get(block_key(prefix, 0), latest=True)
     return next(subkey for subkey in entry.value if isinstance(subkey, bytes) and subkey.startswith(identity.encode()))
+
+
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM], ids=["parent-SIGKILL", "group-SIGTERM"])
+def test_a_dht_process_never_outlives_its_parent(sig):
+    """The DHT child ignores SIGTERM (its parent stops it in order); if the parent dies without doing so, killed alone
+    or by a group SIGTERM before its handlers are in place, the child and its libp2p daemon leave by themselves."""
+    program = "from swarm.dht_node import swarm_dht; import time; swarm_dht(start=True); print('ready', flush=True); time.sleep(60)"
+    process = subprocess.Popen([sys.executable, "-c", program], stdout=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        assert process.stdout.readline().strip() == "ready"
+        if sig == signal.SIGKILL:
+            process.kill()
+        else:
+            os.killpg(process.pid, signal.SIGTERM)  # python's default action: the parent dies at once
+        process.wait(10)
+        assert process_group_gone(process.pid, timeout=10), "the DHT process or its daemon outlived the parent"
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)
