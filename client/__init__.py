@@ -2,12 +2,30 @@
 
 from client.classification import DistributedModelForSequenceClassification
 from client.config import ClientConfig
+from client.inference_session import InferenceSession
 from client.model import AutoDistributedModelForCausalLM
+from client.petals_names import (
+    AutoDistributedModelForSequenceClassification,
+    DistributedBloomForCausalLM,
+    DistributedBloomForSequenceClassification,
+    DistributedFalconForCausalLM,
+    DistributedLlamaForCausalLM,
+    DistributedLlamaForSequenceClassification,
+    DistributedMixtralForCausalLM,
+)
 from client.remote_sequential import RemoteSequential
 
 __all__ = [
     "AutoDistributedModelForCausalLM",
+    "AutoDistributedModelForSequenceClassification",
     "ClientConfig",
+    "DistributedBloomForCausalLM",
+    "DistributedBloomForSequenceClassification",
+    "DistributedFalconForCausalLM",
+    "DistributedLlamaForCausalLM",
+    "DistributedLlamaForSequenceClassification",
+    "DistributedMixtralForCausalLM",
     "DistributedModelForSequenceClassification",
+    "InferenceSession",
     "RemoteSequential",
 ]

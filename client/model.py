@@ -254,12 +254,15 @@ class AutoDistributedModelForCausalLM:
         tuning_mode: str | None = None,
         num_prefix_tokens: int = 16,
         lora_config=None,
+        pre_seq_len: int | None = None,
         **client_options,
     ):
         """`tuning_mode`: None (frozen), "ptune", "deep_ptune" (`num_prefix_tokens` trainable prompts) or "lora"
         (client-owned LoRA on the remote blocks, shaped by a `peft.LoraConfig`); the tuned parameters are the only
         ones with requires_grad, so `torch.optim.AdamW(p for p in model.parameters() if p.requires_grad)` trains them.
+        `pre_seq_len` is Petals' name for `num_prefix_tokens`.
         """
+        num_prefix_tokens = num_prefix_tokens if pre_seq_len is None else pre_seq_len
         checkpoint = Checkpoint(model_path)
         family = family_for(checkpoint.config)
         config = serving_config(checkpoint.config, family)
