@@ -34,6 +34,7 @@ class HopSession:
         self.session_id = uuid.uuid4().hex
         self.push_refused = False  # the peer said why it would not push on (logged once)
         self._step_timeout = step_timeout
+        self._timed_out = False  # the watchdog cancelled this stream
         self._requests: queue.SimpleQueue = queue.SimpleQueue()
         opening = pb.OpenSession(
             session_id=self.session_id, start_block=hop.start, end_block=hop.end,
@@ -55,13 +56,16 @@ class HopSession:
         try:
             return next(self._call)
         except grpc.RpcError as error:
-            if WATCHDOG.disarm(self._call):  # we cancelled it: say why, not "Locally cancelled by application"
+            self._timed_out |= WATCHDOG.disarm(self._call)
+            if self._timed_out:  # we cancelled it: say why, not "Locally cancelled by application"
                 raise RemoteError(self.peer, "DEADLINE_EXCEEDED", f"no answer within {timeout:.1f}s") from None
             raise RemoteError(self.peer, error.code().name, error.details() or "") from None
         except StopIteration:
             raise RemoteError(self.peer, "CLOSED", "the peer closed the session") from None
         finally:
-            WATCHDOG.disarm(self._call)
+            # Also when the answer came just as the deadline passed: the stream is cancelled, and the next step's
+            # failure is the deadline's.
+            self._timed_out |= WATCHDOG.disarm(self._call)
 
     @property
     def push_target(self) -> pb.PushTarget:

@@ -81,12 +81,10 @@ class StreamWatchdog:
         while True:
             time.sleep(self._tick)
             now = time.monotonic()
-            with self._lock:
-                expired = [key for key, (deadline, _) in self._deadlines.items() if deadline < now]
-                calls = [self._deadlines.pop(key)[1] for key in expired]
-                self._fired.update(expired)
-            for call in calls:
-                call.cancel()
+            with self._lock:  # cancelling under the lock: once disarm() returns, this arming can no longer fire
+                for key in [key for key, (deadline, _) in self._deadlines.items() if deadline < now]:
+                    self._deadlines.pop(key)[1].cancel()  # only signals gRPC's core: does not block
+                    self._fired.add(key)
 
 
 WATCHDOG = StreamWatchdog()

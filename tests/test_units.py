@@ -1,10 +1,12 @@
 """Pure parts: routing math, tensor encoding, record parsing, the cache pool."""
 
 import asyncio
+import time
 
 import pytest
 import torch
 
+from client.transport import StreamWatchdog
 from peer.memory_pool import CacheExhaustedError, CachePool
 from swarm import huge_pages, tensors
 from swarm.dht_records import PeerSpan, ServerRecord, ServerState
@@ -202,3 +204,22 @@ def test_parameters_moved_to_huge_pages_keep_values_and_ties():
     assert cache.shape == (3, 5, 8) and cache.dtype == torch.bfloat16
     cache.fill_(1.5)
     assert float(cache.float().sum()) == 1.5 * 3 * 5 * 8
+
+
+def test_stream_watchdog_cancels_late_calls_and_says_so():
+    class Call:
+        cancelled = 0
+
+        def cancel(self):
+            self.cancelled += 1
+
+    watchdog = StreamWatchdog(tick=0.01)
+    late, prompt = Call(), Call()
+    watchdog.arm(late, 0.05)
+    watchdog.arm(prompt, 60)
+    time.sleep(0.3)
+    assert watchdog.disarm(late) and late.cancelled == 1  # fired: the caller reports DEADLINE_EXCEEDED
+    assert not watchdog.disarm(prompt) and prompt.cancelled == 0
+    watchdog.arm(late, 60)  # armed again after disarm: the old deadline is gone for good
+    time.sleep(0.1)
+    assert not watchdog.disarm(late) and late.cancelled == 1
