@@ -81,7 +81,7 @@ def generate_with_kill(model, swarm, inputs, options, rng) -> torch.Tensor:
 
 
 SCENARIOS = {
-    "greedy": (["Once upon a time"], dict(max_new_tokens=64, do_sample=False), 10),
+    "greedy": (["Once upon a time"], dict(max_new_tokens=64, do_sample=False), 4),
     "sampling": (["Sampling"], dict(max_new_tokens=48, do_sample=True, temperature=0.9, top_k=50, seed=7), 2),
     "beam-search": (["Beams"], dict(max_new_tokens=32, num_beams=3, do_sample=False), 2),
     "batch-of-3": (["first prompt", "second", "a third one"], dict(max_new_tokens=32, do_sample=False), 2),
