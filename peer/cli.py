@@ -129,7 +129,7 @@ def run_peer(model_path: str, blocks, num_blocks: int | None, device: str, dtype
     uvloop.install()
     try:
         asyncio.run(peer.run())
-    except (ConnectionError, AddressError) as error:  # unreachable and no relay, or a malformed address
+    except ConnectionError as error:  # unreachable and no relay (a malformed address: SwarmCommandGroup)
         raise click.ClickException(str(error)) from None
 
 

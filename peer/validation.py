@@ -77,8 +77,10 @@ def decode_span_inputs(
             raise InvalidRequest(
                 f"position_ids must be int64 [{batch}, {length}], got {position_ids.dtype} {list(position_ids.shape)}"
             )
-        if length and not 0 <= position_ids.min() <= position_ids.max() < 2**31:
-            raise InvalidRequest("position_ids must be in [0, 2**31)")
+        if length:  # aminmax of nothing raises
+            lowest, highest = position_ids.aminmax()
+            if lowest < 0 or highest >= 2**31:
+                raise InvalidRequest("position_ids must be in [0, 2**31)")
     else:
         position_ids = torch.arange(first_position, first_position + length).expand(batch, length)
     if tensors.is_set(mask_msg):
