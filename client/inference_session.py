@@ -2,6 +2,7 @@
 
 import logging
 import queue
+import random
 import uuid
 
 import grpc
@@ -9,6 +10,10 @@ import torch
 
 from client.swarm_view import RETRYABLE
 from client.transport import WATCHDOG
+from client.verification import (
+    Conviction, HopTimeline, Opinion, Referee, VerificationReport, WrongAnswerCaught, tensors_agree, token_errors,
+    tolerance,
+)
 from swarm import tensors
 from swarm.errors import RemoteError, SwarmError
 from swarm.routing import Hop
@@ -99,6 +104,14 @@ class HopSession:
         self._call.cancel()
 
 
+def _record(timeline: HopTimeline, inputs: torch.Tensor, outputs: torch.Tensor, step_fields: pb.InferenceStep) -> None:
+    timeline.record(
+        inputs, outputs, tensors.decode(step_fields.position_ids), tensors.decode(step_fields.attention_mask),
+        step_fields.start_position if step_fields.has_start_position else None,
+        tensors.decode(step_fields.beam_reorder) if tensors.is_set(step_fields.beam_reorder) else None,
+    )
+
+
 def add_lora(message, hop: Hop, lora: dict, scaling: float, dtype: torch.dtype) -> None:
     """Puts the LoRA factors of the hop's blocks into a ForwardRequest or OpenSession."""
     for name, (lora_a, lora_b) in lora.items():
@@ -134,6 +147,12 @@ class InferenceSession:
         self.output_ids: torch.Tensor | None = None  # what `generate` made in this session so far (Petals' name)
         self.output_mask: torch.Tensor | None = None  # and its attention mask
         self._rollback_to: int | None = None  # a rollback asked for by an empty step, sent with the next tokens
+        # For checking answers (client/verification.py): what each hop's cache holds and what its peer answered.
+        self._timelines: list[HopTimeline] = []
+        self.report = VerificationReport()  # what the checks found; `generate` gives each call its own
+        self._referee = Referee(remote.view)
+        self._check_rng = random.Random()  # not torch's: checks must not change seeded sampling
+        self._steps_until_check = self._check_interval()
 
     @property
     def route(self) -> list[Hop]:
@@ -212,7 +231,9 @@ class InferenceSession:
                     logger.warning(f"peer {self._hops[index].peer} refused to push: {result.push_error}")
                     self._hops[index].push_refused = True
                 self._history[index].append((hidden_states, step_fields))
-                return tensors.decode(result.hidden_states), result.pushed
+                output = tensors.decode(result.hidden_states)
+                _record(self._timelines[index], hidden_states, output, step_fields)
+                return output, result.pushed
             except RemoteError as error:
                 if error.code not in RETRYABLE or attempt == self.remote.config.max_retries:
                     raise
@@ -229,17 +250,21 @@ class InferenceSession:
         history = self._history[index]
         replacement = self._open_chain(old.start, old.end)
         new_history: list[list] = [[] for _ in replacement]
+        new_timelines = [HopTimeline() for _ in replacement]
         try:
             for hidden_states, step_fields in history:
                 for position, hop_session in enumerate(replacement):
                     new_history[position].append((hidden_states, step_fields))
-                    hidden_states = hop_session.step(hidden_states, step_fields)
+                    output = hop_session.step(hidden_states, step_fields)
+                    _record(new_timelines[position], hidden_states, output, step_fields)
+                    hidden_states = output
         except BaseException:
             for hop_session in replacement:
                 hop_session.close()
             raise
         self._hops[index : index + 1] = replacement
         self._history[index : index + 1] = new_history
+        self._timelines[index : index + 1] = new_timelines
         logger.info(f"blocks {old.start}:{old.end} moved to {[h.peer for h in replacement]}, {len(history)} steps replayed")
 
     def step(
@@ -261,7 +286,7 @@ class InferenceSession:
             raise SwarmError(f"start_position {start_position} is outside the session's 0..{self.position} tokens")
         if new_tokens == 0:  # nothing to compute (generate continuing with nothing new): no round trip, as in Petals
             if start_position is not None and start_position != self.position:
-                self._rollback_to, self.position = start_position, start_position
+                self.rewind(start_position)
             return hidden_states
         if start_position is None:
             start_position = self._rollback_to
@@ -276,6 +301,7 @@ class InferenceSession:
             self._batch_size = batch
             self._hops = self._open_chain(self.remote.start_block, self.remote.end_block)
             self._history = [[] for _ in self._hops]
+            self._timelines = [HopTimeline() for _ in self._hops]
         if position_ids is None:
             position_ids = torch.arange(first, first + new_tokens).expand(batch, new_tokens)
         if attention_mask is None:
@@ -293,7 +319,67 @@ class InferenceSession:
             step_fields.start_position, step_fields.has_start_position = start_position, True
         output = self._run_chain(hidden_states, step_fields)
         self.position = first + new_tokens
+        self._steps_until_check -= 1
+        if self._steps_until_check <= 0 and self.remote.config.verify_every > 0:
+            self.verify()
         return output.to(hidden_states.dtype)
+
+    def rewind(self, position: int) -> None:
+        """Roll the session back to its first `position` tokens (sent to the peers with the next step)."""
+        if not 0 <= position <= self.position:
+            raise SwarmError(f"cannot roll back to {position}: the session holds {self.position} tokens")
+        self._rollback_to, self.position = position, position
+
+    def verify(self) -> VerificationReport:
+        """Has other peers recompute every hop's answers that were not checked yet (one forward pass over the
+        hop's whole cache each). Raises WrongAnswerCaught if a hop's peer is outvoted: it is then convicted and
+        replaced, and the caller must compute again from `error.position` (`generate` does this by itself)."""
+        self._steps_until_check = self._check_interval()
+        if self.remote.config.verify:
+            for index in range(len(self._hops or [])):
+                self._check_hop(index)
+        return self.report
+
+    def _check_interval(self) -> int:
+        every = self.remote.config.verify_every
+        return self._check_rng.randint(max(every // 2, 1), max(every * 3 // 2, 1)) if every > 0 else 1 << 62
+
+    def _check_hop(self, index: int) -> None:
+        timeline, hop = self._timelines[index], self._hops[index].hop
+        if timeline.tokens == timeline.verified_tokens:
+            return
+        recorded = timeline.tensors()
+        dtypes = {self._hops[index].dtype}
+        prompts = self._hop_deep_prompts(hop)
+        if prompts is not None:  # the session's prompts are the same for every row
+            prompts = prompts.unsqueeze(1).expand(-1, recorded["inputs"].shape[0], -1, -1)
+
+        def recompute(exclude: frozenset[str]) -> Opinion:
+            reference = self.remote.referee(hop.start, hop.end, exclude)
+            with torch.no_grad():
+                output = reference(recorded["inputs"], recorded["position_ids"], recorded["mask"], prompts,
+                                   self.lora, self.lora_scaling)
+            dtypes.update(reference.peers_used.values())
+            return Opinion(output, frozenset(reference.peers_used))
+
+        def agree(answer: torch.Tensor, reference: torch.Tensor) -> bool:
+            return tensors_agree(answer, reference, tolerance(dtypes, self.remote.codec), recorded["mask"])
+
+        trusted = self._referee.settle(
+            hop.peer.peer_id, recorded["outputs"], recompute, agree, (hop.start, hop.end), self.report
+        )
+        if trusted is None:
+            return
+        if trusted is recorded["outputs"]:
+            timeline.verified_tokens = timeline.tokens
+            return
+        errors = token_errors(recorded["outputs"], trusted, recorded["mask"]).amax(dim=0)
+        first_wrong = int((errors > tolerance(dtypes, self.remote.codec)).nonzero()[0])
+        steps_got_away = len(timeline.steps) - timeline.step_of(first_wrong)
+        self.report.caught.append(Conviction(hop.peer.peer_id, hop.start, hop.end, steps_got_away))
+        self._hops[index].close()
+        self._replace(index)
+        raise WrongAnswerCaught(hop.peer.peer_id, hop.start, hop.end, first_wrong, steps_got_away)
 
     def reorder(self, beam_idx: torch.Tensor) -> None:
         """Keep cache rows `beam_idx` (beam search); applied by the peers before the next step."""

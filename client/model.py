@@ -6,6 +6,7 @@ through a RemoteSequential, and `generate` is `transformers`' own, with the KV c
 """
 
 import contextlib
+import logging
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -17,12 +18,17 @@ from client.config import ClientConfig
 from client.inference_session import InferenceSession
 from client.remote_sequential import RemoteSequential
 from client.tuning import PromptTuning, RemoteLoRA
+from client.verification import VerificationReport, WrongAnswerCaught
 from swarm import huge_pages
 from swarm.blocks import serving_config
 from swarm.checkpoint import Checkpoint
 from swarm.errors import SwarmError
 from swarm.families import Family, family_for
 from swarm.model_loading import load_parts, meta_model, meta_tensors
+
+logger = logging.getLogger(__name__)
+
+MAX_REGENERATIONS = 3  # liars caught within one generate call before it gives up
 
 
 class RemotePastKeyValues(Cache):
@@ -52,6 +58,8 @@ class DistributedCausalLMMixin:
         self._implicit_session: InferenceSession | None = None
         self.prompt_tuning: PromptTuning | None = None
         self.lora: RemoteLoRA | None = None
+        self.last_verification: VerificationReport | None = None  # what the checks of the last generate found
+        self._call_report = VerificationReport()
 
     def _attach_tuning(self, mode: str | None, num_prefix_tokens: int, lora_config) -> None:
         if mode in ("ptune", "deep_ptune"):
@@ -182,6 +190,7 @@ class DistributedCausalLMMixin:
                 f"max_length={session.max_length}"
             )
         prompts = self.prompt_tuning.num_prefix_tokens if self.prompt_tuning is not None else 0
+        session.report = self._call_report
         model_kwargs["past_key_values"] = RemotePastKeyValues(session, prompts)
 
     def generate(self, inputs: torch.Tensor | None = None, *args, session: InferenceSession | None = None, **kwargs):
@@ -203,18 +212,39 @@ class DistributedCausalLMMixin:
         with self._using(session):
             result = self._generate_and_record(inputs, *args, **kwargs)
         if isinstance(result, torch.Tensor):
-            return result[:, earlier:]
+            later = result[:, earlier:]
+            later.verification = result.verification
+            return later
         result.sequences = result.sequences[:, earlier:]
         return result
 
     def _generate_and_record(self, inputs, *args, **kwargs):
-        """Runs generate; an active session remembers the tokens (and their mask) for a call that continues it."""
-        try:
-            result = super().generate(inputs, *args, **kwargs)
-        finally:
-            if self._implicit_session is not None:
-                self._implicit_session.close()
-                self._implicit_session = None
+        """Runs generate, checked (client/verification.py): if a peer is caught answering wrong, it is replaced and
+        the call runs again from its start, with the random state it started with, so the tokens are those of a
+        run without that peer. An active session remembers the tokens (and their mask) for a call that continues
+        it. The result carries the checks' report as `.verification` (also `model.last_verification`)."""
+        session = self._active_session
+        rng, start = torch.random.get_rng_state(), 0 if session is None else session.position
+        self._call_report = report = VerificationReport()
+        for attempt in range(MAX_REGENERATIONS + 1):
+            try:
+                result = super().generate(inputs, *args, **kwargs)
+                session = self._implicit_session or self._active_session
+                if session is not None:
+                    session.verify()
+                break
+            except WrongAnswerCaught as caught:
+                if attempt == MAX_REGENERATIONS:
+                    raise
+                logger.warning(f"{caught}; generating again from the start of this call")
+                torch.random.set_rng_state(rng)
+                if self._active_session is not None:
+                    self._active_session.rewind(start)
+            finally:
+                if self._implicit_session is not None:
+                    self._implicit_session.close()
+                    self._implicit_session = None
+        self.last_verification = report
         session = self._active_session
         if session is not None:
             sequences = result if isinstance(result, torch.Tensor) else result.sequences
@@ -225,6 +255,7 @@ class DistributedCausalLMMixin:
             generated = sequences.shape[1] - mask.shape[1]
             session.output_ids = sequences
             session.output_mask = torch.cat([mask, mask.new_ones(mask.shape[0], generated)], dim=1)
+        result.verification = report
         return result
 
     @contextlib.contextmanager

@@ -11,6 +11,7 @@ from client.config import ClientConfig
 from client.inference_session import InferenceSession, add_lora
 from client.swarm_view import RETRYABLE, SwarmView
 from client.transport import PeerConnections
+from client.verification import Opinion, Referee, VerificationReport, tensors_agree, tolerance
 from swarm import tensors
 from swarm.chunks import MAX_CHUNKED_MESSAGES, ChunkAssembler, ChunkedMessageError, to_chunks
 from swarm.errors import RemoteError, SwarmError
@@ -32,7 +33,13 @@ class RemoteSequential(nn.Module):
         view: SwarmView | None = None,
         start_block: int = 0,
         end_block: int | None = None,
+        exclude: frozenset[str] = frozenset(),
+        check_answers: bool | None = None,
+        purpose: str = "training",
     ):
+        """`exclude`: peers never to use; `check_answers` (default: config.verify): have other peers check what
+        each training call's peer answered (client/verification.py); `purpose`: how chains are chosen (see
+        SwarmView.chain)."""
         super().__init__()
         self.model_prefix, self.config = model_prefix, config
         self.view = view or SwarmView(model_prefix, num_blocks, config, PeerConnections(config.max_message_bytes))
@@ -40,6 +47,11 @@ class RemoteSequential(nn.Module):
         self.start_block = start_block
         self.end_block = num_blocks if end_block is None else end_block
         self.codec = check_codec(config.compression)  # activations on the wire, both ways
+        self.exclude, self.purpose = exclude, purpose
+        self.check_answers = config.verify if check_answers is None else check_answers
+        self.peers_used: dict[str, torch.dtype] = {}  # every peer that answered a call of this module, and its dtype
+        self.report = VerificationReport()  # what the checks of training calls found
+        self._referee = Referee(self.view)
 
     def __len__(self) -> int:
         return self.end_block - self.start_block
@@ -58,7 +70,16 @@ class RemoteSequential(nn.Module):
             stop = start + 1
         return RemoteSequential(
             self.model_prefix, self.view.num_blocks, self.config, self.view,
-            self.start_block + start, self.start_block + stop,
+            self.start_block + start, self.start_block + stop, self.exclude, self.check_answers,
+        )
+
+    def referee(self, start: int, end: int, exclude: frozenset[str]) -> "RemoteSequential":
+        """Blocks [start, end) on peers outside `exclude` (and this module's own exclusions), unchecked: what a
+        second opinion is computed with. Its chain has the fewest hops it can (the inference router's choice), so
+        that peers are left over for a third opinion."""
+        return RemoteSequential(
+            self.model_prefix, self.view.num_blocks, self.config, self.view, start, end, self.exclude | exclude, False,
+            "inference",
         )
 
     def __iter__(self) -> Iterator["RemoteSequential"]:
@@ -91,7 +112,7 @@ class RemoteSequential(nn.Module):
         for first in range(0, batch, sub_batch):
             rows = slice(first, first + sub_batch)
             hidden = hidden_states[rows]
-            for hop in self.view.chain(self.start_block, self.end_block, purpose="training"):
+            for hop in self.view.chain(self.start_block, self.end_block, purpose=self.purpose, exclude=self.exclude):
                 prompts = None
                 if deep_prompts is not None:
                     prompts = deep_prompts[hop.start - self.start_block : hop.end - self.start_block, rows]
@@ -114,7 +135,9 @@ class RemoteSequential(nn.Module):
         same blocks (requests are stateless, so any replica can answer). Returns (response, hop that answered)."""
         for attempt in range(self.config.max_retries + 1):
             try:
-                return self._send(self.connections.stub(hop.peer), method, request), hop
+                response = self._send(self.connections.stub(hop.peer), method, request)
+                self.peers_used[hop.peer.peer_id] = DTYPES[hop.peer.record.dtype]
+                return response, hop
             except grpc.RpcError as error:
                 failure = RemoteError(hop.peer.peer_id, error.code().name, error.details() or "")
             except ChunkedMessageError as error:
@@ -124,7 +147,7 @@ class RemoteSequential(nn.Module):
             if failure.code not in RETRYABLE or attempt == self.config.max_retries:
                 raise failure
             self.view.handle_failure(failure, attempt)
-            replacement = self.view.chain(hop.start, hop.end)
+            replacement = self.view.chain(hop.start, hop.end, exclude=self.exclude)
             if len(replacement) != 1:
                 raise SwarmError(
                     f"peer {hop.peer.peer_id} failed and no single peer serves blocks {hop.start}:{hop.end} in its "
@@ -177,17 +200,75 @@ class _RemoteHop(torch.autograd.Function):
         response, ctx.hop = remote.call(hop, "Forward", request)
         ctx.remote, ctx.request = remote, request
         ctx.dtypes = (hidden.dtype, None if prompts is None else prompts.dtype, [t.dtype for t in lora_tensors])
-        return tensors.decode(response.hidden_states).to(hidden.dtype)
+        ctx.inputs = (hidden.detach(), position_ids, attention_mask, prompts, lora, lora_scaling)
+        output = tensors.decode(response.hidden_states)
+        if remote.check_answers:
+            output = _checked(remote, ctx.hop, output, lambda reference: _reference_forward(reference, ctx.inputs))
+        return output.to(hidden.dtype)
 
     @staticmethod
     def backward(ctx, grad_output):
         hidden_dtype, prompts_dtype, lora_dtypes = ctx.dtypes
-        peer_dtype = DTYPES[ctx.hop.peer.record.dtype]
-        request = pb.BackwardRequest(inputs=ctx.request, grad_outputs=tensors.encode(grad_output.to(peer_dtype), ctx.remote.codec))
-        response, _ = ctx.remote.call(ctx.hop, "Backward", request)
-        grad_hidden = tensors.decode(response.grad_hidden_states).to(hidden_dtype)
-        grad_prompts = None
-        if prompts_dtype is not None:
-            grad_prompts = tensors.decode(response.grad_deep_prompts).to(prompts_dtype)
-        grad_lora = [tensors.decode(item.tensor).to(dtype) for item, dtype in zip(response.grad_lora, lora_dtypes)]
-        return (None, None, grad_hidden, None, None, grad_prompts, None, None, *grad_lora)
+        remote, hop = ctx.remote, ctx.hop
+        peer_dtype = DTYPES[hop.peer.record.dtype]
+        recompute = lambda reference: _reference_backward(reference, ctx.inputs, grad_output)  # noqa: E731
+        if remote.view.is_convicted(hop.peer.peer_id):  # caught lying on this very forward: not asked again
+            grads = _checked_elsewhere(remote, hop, recompute)
+        else:
+            request = pb.BackwardRequest(inputs=ctx.request, grad_outputs=tensors.encode(grad_output.to(peer_dtype), remote.codec))
+            response, hop = remote.call(hop, "Backward", request)
+            grads = (
+                tensors.decode(response.grad_hidden_states),
+                tensors.decode(response.grad_deep_prompts) if prompts_dtype is not None else None,
+                *(tensors.decode(item.tensor) for item in response.grad_lora),
+            )
+            if remote.check_answers:
+                grads = _checked(remote, hop, grads, recompute)
+        grad_hidden, grad_prompts, *grad_lora = grads
+        grad_prompts = None if grad_prompts is None else grad_prompts.to(prompts_dtype)
+        grad_lora = [grad.to(dtype) for grad, dtype in zip(grad_lora, lora_dtypes)]
+        return (None, None, grad_hidden.to(hidden_dtype), None, None, grad_prompts, None, None, *grad_lora)
+
+
+def _checked(remote: RemoteSequential, hop: Hop, answer, recompute):
+    """`answer` of the hop's peer if other peers agree with it, else theirs (client/verification.py)."""
+    dtypes = {DTYPES[hop.peer.record.dtype]}
+
+    def opinion(exclude: frozenset[str]) -> Opinion:
+        reference = remote.referee(hop.start, hop.end, exclude)
+        result = recompute(reference)
+        dtypes.update(reference.peers_used.values())
+        return Opinion(result, frozenset(reference.peers_used))
+
+    trusted = remote._referee.settle(
+        hop.peer.peer_id, answer, opinion, lambda a, b: tensors_agree(a, b, tolerance(dtypes, remote.codec)),
+        (hop.start, hop.end), remote.report,
+    )
+    return answer if trusted is None else trusted
+
+
+def _checked_elsewhere(remote: RemoteSequential, hop: Hop, recompute):
+    """What peers other than the hop's (convicted) one answer."""
+    return recompute(remote.referee(hop.start, hop.end, frozenset({hop.peer.peer_id})))
+
+
+def _reference_forward(reference: RemoteSequential, inputs: tuple) -> torch.Tensor:
+    hidden, position_ids, attention_mask, prompts, lora, scaling = inputs
+    with torch.no_grad():
+        return reference(hidden, position_ids, attention_mask, prompts, lora, scaling)
+
+
+def _reference_backward(reference: RemoteSequential, inputs: tuple, grad_output: torch.Tensor) -> tuple:
+    """The gradients a Backward answers (hidden states, deep prompts or None, the LoRA factors in order)."""
+    hidden, position_ids, attention_mask, prompts, lora, scaling = inputs
+    hidden = hidden.detach().requires_grad_(True)
+    prompts = None if prompts is None else prompts.detach().requires_grad_(True)
+    lora = {name: tuple(t.detach().requires_grad_(True) for t in pair) for name, pair in lora.items()}
+    leaves = [hidden] + ([prompts] if prompts is not None else []) + [t for pair in lora.values() for t in pair]
+    with torch.enable_grad():
+        output = reference(hidden, position_ids, attention_mask, prompts, lora, scaling)
+        grads = torch.autograd.grad(output, leaves, grad_output.to(output.dtype), allow_unused=True)
+    grads = [torch.zeros_like(leaf) if grad is None else grad for leaf, grad in zip(leaves, grads)]
+    if prompts is None:
+        grads.insert(1, None)
+    return tuple(grads)

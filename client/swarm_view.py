@@ -64,6 +64,8 @@ class SwarmView:
         self._dht_lock = threading.Lock()  # the view reads the DHT from two threads; one request at a time
         # peer id -> (banned until, failures so far, the run of the peer that failed: its announced start time)
         self._bans: dict[str, tuple[float, int, float]] = {}
+        # peer id -> (avoided until, times caught): peers caught answering wrong; a restart does not clear this
+        self._convictions: dict[str, tuple[float, int]] = {}
         self._stopping = threading.Event()
         threading.Thread(target=self._refresh_forever, name="swarm-view", daemon=True).start()
 
@@ -73,6 +75,17 @@ class SwarmView:
         duration = min(self.config.ban_seconds * 2**failures, self.config.max_ban_seconds)
         self._bans[peer_id] = (time.monotonic() + duration, failures + 1, self._started_at(peer_id))
         logger.warning(f"peer {peer_id} failed ({reason.code}: {reason.message}); avoiding it for {duration:.0f}s")
+
+    def convict(self, peer_id: str, evidence: str) -> None:
+        """Avoid a peer caught answering wrong (outvoted by other peers on the same inputs), for long, and longer
+        each time; unlike a failure, restarting under the same identity does not lift it."""
+        _, convictions = self._convictions.get(peer_id, (0.0, 0))
+        duration = min(self.config.liar_ban_seconds * 2**convictions, self.config.max_liar_ban_seconds)
+        self._convictions[peer_id] = (time.monotonic() + duration, convictions + 1)
+        logger.warning(f"peer {peer_id} answered wrong ({evidence}); avoiding it for {duration:.0f}s")
+
+    def is_convicted(self, peer_id: str) -> bool:
+        return self._convictions.get(peer_id, (0.0, 0))[0] > time.monotonic()
 
     def handle_failure(self, error: RemoteError, attempt: int) -> None:
         """After a call failed with a RETRYABLE code: ban a failed peer; if it only moved, read the swarm again
@@ -84,6 +97,8 @@ class SwarmView:
             self.ban(error.peer, error)
 
     def is_banned(self, peer_id: str) -> bool:
+        if self.is_convicted(peer_id):
+            return True
         until, _, started_at = self._bans.get(peer_id, (0.0, 0, 0.0))
         if self._started_at(peer_id) > started_at:  # it restarted since it failed: a new run under the same identity
             return False
@@ -119,18 +134,23 @@ class SwarmView:
             return False
         return span.peer_id not in self.config.blocked_peers
 
-    def chain(self, start: int = 0, end: int | None = None, purpose: str = "inference", cache_tokens: int = 0) -> list[Hop]:
+    def chain(
+        self, start: int = 0, end: int | None = None, purpose: str = "inference", cache_tokens: int = 0,
+        exclude: frozenset[str] = frozenset(),
+    ) -> list[Hop]:
         """A chain over blocks [start, end): for "inference" the lowest expected latency per step (measured round
         trips plus announced compute speed, a penalty per hop) over peers with `cache_tokens` of cache free, if
         those cover the blocks; for "training" a throughput-weighted random draw that spreads forward/backward
-        load over replicas. Looks again at the DHT before declaring blocks missing."""
+        load over replicas. Never through the peers in `exclude`. Looks again at the DHT before declaring blocks
+        missing."""
         end = self.num_blocks if end is None else end
         try:
-            return self._choose(self._unbanned(self.peer_spans()), start, end, purpose, cache_tokens)
+            return self._choose(self._unbanned(self.peer_spans(), exclude), start, end, purpose, cache_tokens)
         except MissingBlocksError:
             pass
         try:
-            return self._choose(self._unbanned(self.peer_spans(refresh=True)), start, end, purpose, cache_tokens)
+            spans = self._unbanned(self.peer_spans(refresh=True), exclude)
+            return self._choose(spans, start, end, purpose, cache_tokens)
         except MissingBlocksError as error:
             raise MissingBlocksError(self.model_prefix, error.missing_blocks, self.config.active_adapter) from None
 
@@ -171,8 +191,8 @@ class SwarmView:
         self._rtts[span.peer_id] = (rtt, time.monotonic())
         return rtt
 
-    def _unbanned(self, spans: list[PeerSpan]) -> list[PeerSpan]:
-        return [span for span in spans if not self.is_banned(span.peer_id)]
+    def _unbanned(self, spans: list[PeerSpan], exclude: frozenset[str] = frozenset()) -> list[PeerSpan]:
+        return [span for span in spans if not self.is_banned(span.peer_id) and span.peer_id not in exclude]
 
     def shutdown(self) -> None:
         self._stopping.set()

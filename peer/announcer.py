@@ -6,6 +6,7 @@ import time
 from collections.abc import Callable
 
 import hivemind
+from hivemind.dht.node import DHTNode
 from hivemind.utils import get_dht_time
 
 from swarm.constants import MODEL_INDEX_KEY
@@ -15,6 +16,7 @@ from swarm.net.reachability import RENDEZVOUS_KEY
 logger = logging.getLogger(__name__)
 
 MIN_ANNOUNCE_GAP = 1.0
+STORE_RETRY_PAUSE = 0.5  # doubled after each try that left a key unstored
 
 
 class Announcer:
@@ -53,21 +55,33 @@ class Announcer:
         await asyncio.get_running_loop().run_in_executor(None, self._store, values, expiration_time, timeout)
 
     def _store(self, values: dict[str, dict], expiration_time: float, timeout: float) -> None:
-        own = {
-            key: self.dht.store(key, subkey=self.subkey, value=value, expiration_time=expiration_time, return_future=True)
-            for key, value in values.items()
-        }
+        """Stores `values` on other DHT nodes (a copy on our own node only counts when we know of no other: a
+        node that has just joined is not yet in others' routing tables, so readers may never ask it). A key no node
+        took (every replica timed out: a loaded machine, nodes that just left) is stored again after a short pause
+        while time is left, so that no reader misses a peer for a whole period."""
+        deadline = time.monotonic() + timeout  # a dead DHT process never answers: never wait on it unbounded
         # The model's index entry is shared by every peer of the model: a refusal only means that another peer's
         # entry lasts longer, so it is waited for but not judged.
         index = self.dht.store(
             MODEL_INDEX_KEY, subkey=self.model_prefix.encode(), value=self.model_info,
             expiration_time=expiration_time, return_future=True,
         )
-        deadline = time.monotonic() + timeout  # a dead DHT process never answers: never wait on it unbounded
-        failed = [key for key, future in own.items() if not future.result(timeout=max(0.0, deadline - time.monotonic()))]
-        index.result(timeout=max(0.0, deadline - time.monotonic()))
-        if failed:
-            logger.warning(f"DHT records {failed} were not stored; will retry at the next announcement")
+        pending, pause = dict(values), STORE_RETRY_PAUSE
+        while True:
+            elsewhere = self.dht.run_coroutine(_knows_other_nodes, return_future=True).result(timeout=_left(deadline))
+            own = {
+                key: self.dht.store(key, subkey=self.subkey, value=value, expiration_time=expiration_time,
+                                    exclude_self=elsewhere, return_future=True)
+                for key, value in pending.items()
+            }
+            pending = {key: values[key] for key, future in own.items() if not future.result(timeout=_left(deadline))}
+            if not pending or _left(deadline) < pause:
+                break
+            time.sleep(pause)
+            pause *= 2
+        index.result(timeout=_left(deadline))
+        if pending:
+            logger.warning(f"DHT records {list(pending)} were not stored; will retry at the next announcement")
 
     async def run(self) -> None:
         """Announce every `period` seconds (or sooner when asked) until cancelled."""
@@ -82,3 +96,11 @@ class Announcer:
                 await asyncio.sleep(min(MIN_ANNOUNCE_GAP, self.period))  # many sessions opening at once: one store
             except TimeoutError:
                 pass
+
+
+def _left(deadline: float) -> float:
+    return max(0.0, deadline - time.monotonic())
+
+
+async def _knows_other_nodes(_dht: hivemind.DHT, node: DHTNode) -> bool:
+    return len(node.protocol.routing_table.uid_to_peer_id) > 0

@@ -1,0 +1,189 @@
+"""Peers that answer wrong cannot change the client's tokens or gradients: with default client settings, every kind
+of liar (tests/liar_peer.py, and a peer serving other weights under the real model prefix) is routed to, caught,
+convicted, and the results are exactly local `transformers`'."""
+
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from client import AutoDistributedModelForCausalLM
+from client.verification import (
+    HopTimeline, Opinion, Referee, VerificationError, VerificationReport, tensors_agree, token_errors,
+)
+from peer.local_swarm import spawn_cli, start_peers, PeerHandle
+from swarm.checkpoint import Checkpoint
+from swarm.errors import MissingBlocksError
+from swarm.routing import Hop
+from tests.test_training import assert_blocks_match_local
+
+HONEST = ["0:2", "2:4", "0:4"]  # a replica of the liar's span, and a chain of two: second and third opinions
+LIARS = {
+    "noise-1%": {"SWARM_TEST_LIE": "noise:0.01"},
+    "noise-100%": {"SWARM_TEST_LIE": "noise:1"},
+    "1-step-in-20": {"SWARM_TEST_LIE": "sometimes:20", "SWARM_TEST_LIE_SEED": "3"},
+    "after-10-steps": {"SWARM_TEST_LIE": "after:10"},
+    "other-weights": None,
+}
+PROMPT = torch.tensor([[1, 72, 105, 33, 9]])
+NEW_TOKENS = 24
+GOT_AWAY: dict[str, list[int]] = {}  # liar -> steps it answered wrong before it was caught, per catch
+
+
+def other_weights_same_prefix(path: str, destination: Path) -> str:
+    """The checkpoint with every tensor changed except its first row, which is what the fingerprint samples: the
+    same model prefix (the swarm takes it for the same model), other weights."""
+    shutil.copytree(path, destination)
+    generator = torch.Generator().manual_seed(7)
+    for file in destination.glob("*.safetensors"):
+        weights = load_file(file)
+        for name, tensor in weights.items():
+            if tensor.ndim >= 1 and tensor.shape[0] > 1:
+                tensor[1:] += 0.5 * torch.randn(tensor[1:].shape, generator=generator) * tensor.std().clamp_min(1e-3)
+        save_file(weights, file, metadata={"format": "pt"})
+    assert Checkpoint(str(destination)).model_prefix() == Checkpoint(path).model_prefix()
+    return str(destination)
+
+
+@pytest.fixture(scope="module")
+def honest(tiny_llama, bootstrap):
+    handles = start_peers(tiny_llama, bootstrap, HONEST)
+    yield handles
+    for handle in handles:
+        handle.process.stop()
+
+
+@pytest.fixture(scope="module", params=sorted(LIARS))
+def liar(request, tiny_llama, bootstrap, honest, tmp_path_factory):
+    env = LIARS[request.param]
+    path = tiny_llama if env else other_weights_same_prefix(tiny_llama, tmp_path_factory.mktemp("liar") / "model")
+    process = spawn_cli(
+        "serve", path, "--initial-peers", bootstrap, "--blocks", "0:4", "--announce-period", "5",
+        "--num-threads", "1", module="tests.liar_peer" if env else "peer.cli", env=env,
+    )
+    handle = PeerHandle.from_online_line(process)
+    yield request.param, handle
+    process.stop()
+
+
+@pytest.fixture
+def model(tiny_llama, bootstrap, honest, liar):
+    """A client with default settings whose first choice of route, for inference and training alike, is the liar
+    (as if it had lied about its speed): until it is convicted, every call goes to it."""
+    _, lying = liar
+    model = AutoDistributedModelForCausalLM.from_pretrained(
+        tiny_llama, initial_peers=[bootstrap], allowed_peers=tuple(h.peer_id for h in [*honest, lying]),
+    )
+    view = model.remote.view
+    choose = view.chain
+
+    def liar_first(start=0, end=None, *args, exclude=frozenset(), **kwargs):
+        span = next((s for s in view.peer_spans() if s.peer_id == lying.peer_id), None)
+        if exclude or span is None or view.is_banned(lying.peer_id):
+            return choose(start, end, *args, exclude=exclude, **kwargs)
+        return [Hop(span, start, view.num_blocks if end is None else end)]
+
+    view.chain = liar_first
+    yield model
+    model.close()
+
+
+def caught(model, liar) -> None:
+    name, lying = liar
+    assert model.remote.view.is_convicted(lying.peer_id), f"{name} was not caught"
+
+
+@pytest.mark.slow
+def test_greedy_generation_gives_local_tokens_and_convicts_the_liar(model, liar, reference):
+    expected = reference.generate(PROMPT, max_new_tokens=NEW_TOKENS, do_sample=False)
+    for _ in range(4):  # a liar that lies now and then may tell the truth through a whole generation
+        output = model.generate(PROMPT, max_new_tokens=NEW_TOKENS, do_sample=False)
+        assert torch.equal(output, expected)
+        GOT_AWAY.setdefault(liar[0], []).extend(c.steps_got_away for c in output.verification.caught)
+        if output.verification.caught:
+            break
+    caught(model, liar)
+    print(f"\n{liar[0]}: wrong steps before caught {GOT_AWAY[liar[0]]}")
+
+
+@pytest.mark.slow
+def test_seeded_sampling_gives_local_tokens_and_convicts_the_liar(model, liar, reference):
+    for seed in range(4):
+        torch.manual_seed(seed)
+        expected = reference.generate(PROMPT, max_new_tokens=NEW_TOKENS, do_sample=True, top_k=50)
+        torch.manual_seed(seed)
+        output = model.generate(PROMPT, max_new_tokens=NEW_TOKENS, do_sample=True, top_k=50)
+        assert torch.equal(output, expected)
+        if output.verification.caught:
+            break
+    caught(model, liar)
+
+
+@pytest.mark.slow
+def test_training_gets_local_gradients_and_convicts_the_liar(model, liar, reference):
+    for seed in range(60):  # one answer in 20 is a lie for "1-step-in-20": a pass and its backward are two answers
+        hidden = torch.randn(2, 16, 64, generator=torch.Generator().manual_seed(seed))
+        assert_blocks_match_local(model, reference, hidden)
+        if model.remote.view.is_convicted(liar[1].peer_id):
+            break
+    caught(model, liar)
+
+
+def test_timeline_follows_the_cache_through_rollbacks_and_reorders():
+    timeline = HopTimeline()
+    rows = lambda *values: torch.tensor(values, dtype=torch.float32).reshape(len(values), 1, 1)  # noqa: E731
+    positions, mask = torch.zeros(2, 1, dtype=torch.long), torch.ones(2, 1, dtype=torch.bool)
+    for step in range(3):
+        timeline.record(rows(step, 10 + step), rows(step, 10 + step), positions, mask)
+    timeline.record(rows(5, 15), rows(5, 15), positions, mask, start_position=2, reorder=torch.tensor([1, 1]))
+    assert timeline.tokens == 3
+    assert timeline.tensors()["inputs"].flatten().tolist() == [10, 11, 5, 10, 11, 15]
+    assert timeline.step_of(2) == 2
+
+
+def test_answers_agree_within_rounding_and_not_beyond():
+    reference = torch.randn(2, 5, 64)
+    assert tensors_agree(reference + 1e-6 * torch.randn(2, 5, 64), reference, 1e-3)
+    lied = reference.clone()
+    lied[1, 3] *= 1.01  # one token of one row, off by 1%
+    assert not tensors_agree(lied, reference, 1e-3)
+    assert tensors_agree(lied, reference, 1e-3, mask=torch.tensor([[1] * 5, [1, 1, 1, 0, 1]]))  # padding: unread
+    assert token_errors(torch.full((2, 5, 64), float("nan")), reference).isinf().all()
+    assert not tensors_agree(reference[:, :4], reference, 1e-3)
+
+
+class _View:
+    def __init__(self):
+        self.convicted: list[str] = []
+
+    def convict(self, peer: str, evidence: str) -> None:
+        self.convicted.append(peer)
+
+
+def _settle(answers: dict[str, float], suspect_answer: float):
+    """Settles the suspect's answer against opinions of peers "b", "c" (in that order, as far as there are any)."""
+    view, report = _View(), VerificationReport()
+
+    def recompute(exclude):
+        peer = next((peer for peer in answers if peer not in exclude), None)
+        if peer is None:
+            raise MissingBlocksError("model", [0])
+        return Opinion(answers[peer], frozenset({peer}))
+
+    try:
+        result = Referee(view).settle("a", suspect_answer, recompute, lambda x, y: x == y, (0, 4), report)
+    except VerificationError:
+        result = "error"
+    return result, view.convicted, report
+
+
+def test_the_majority_decides_and_the_outvoted_is_convicted():
+    assert _settle({"b": 1.0, "c": 2.0}, 1.0)[:2] == (1.0, [])  # agreed at once: no third opinion
+    assert _settle({"b": 2.0, "c": 2.0}, 1.0)[:2] == (2.0, ["a"])
+    assert _settle({"b": 2.0, "c": 1.0}, 1.0)[:2] == (1.0, ["b"])
+    assert _settle({"b": 2.0, "c": 3.0}, 1.0)[:2] == ("error", [])
+    assert _settle({"b": 2.0}, 1.0)[:2] == ("error", [])  # two against one another, nobody to decide
+    result, convicted, report = _settle({}, 1.0)
+    assert (result, convicted, report.unchecked_blocks, report.checked) == (None, [], [(0, 4)], False)
