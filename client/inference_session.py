@@ -11,7 +11,14 @@ import torch
 from client.swarm_view import RETRYABLE
 from client.transport import WATCHDOG
 from client.verification import (
-    Conviction, HopTimeline, Opinion, Referee, VerificationReport, WrongAnswerCaught, tensors_agree, token_errors,
+    Conviction,
+    HopTimeline,
+    Opinion,
+    Referee,
+    VerificationReport,
+    WrongAnswerCaught,
+    tensors_agree,
+    token_errors,
     tolerance,
 )
 from swarm import tensors
@@ -227,6 +234,8 @@ class InferenceSession:
                 if not sent:
                     self._send(index, hidden_states, step_fields)
                 result = self._hops[index].receive(step_fields.step_id)
+                if sent and index > 0:
+                    self._check_pushed_input(index, hidden_states, result)
                 if result.push_error and not self._hops[index].push_refused:  # relayed by us from now on
                     logger.warning(f"peer {self._hops[index].peer} refused to push: {result.push_error}")
                     self._hops[index].push_refused = True
@@ -243,6 +252,20 @@ class InferenceSession:
                     self._hops[index].close()
                     needs_replacement = True
         raise AssertionError("unreachable: the last attempt returns or raises")
+
+    def _check_pushed_input(self, index: int, expected: torch.Tensor, result: pb.StepResult) -> None:
+        """A step that hop `index` got by push must have come with what the hop before it answered us: else one
+        of the two lies (which, we cannot tell). The step is then sent again by us to a replacement of the hop
+        (RETRYABLE), and the hop before it no longer pushes in this session."""
+        hop_session = self._hops[index]
+        if not self.remote.config.verify or expected.dtype != hop_session.dtype:  # a cast on the way: not comparable
+            return
+        if result.input_digest != tensors.digest(expected):
+            self._hops[index - 1].push_refused = True
+            raise RemoteError(
+                hop_session.peer, "PROTOCOL", f"the input it says it was pushed differs from what peer "
+                f"{self._hops[index - 1].peer} answered us",
+            )
 
     def _replace(self, index: int) -> None:
         """Opens a new chain for hop `index`'s blocks and replays everything that hop was sent, step by step."""

@@ -12,9 +12,9 @@ import hivemind
 from client.config import ClientConfig
 from client.transport import PeerConnections
 from swarm.constants import PROTOCOL_VERSION, SPAN_MOVED_STATUS
+from swarm.dht_node import InitialPeersError, swarm_dht
 from swarm.dht_records import PeerSpan, fetch_peer_spans
 from swarm.errors import MissingBlocksError, RemoteError
-from swarm.dht_node import InitialPeersError, swarm_dht
 from swarm.routing import Hop, lowest_cost_chain, spread_chain, with_cache_room
 from swarm.wire import swarm_peer_pb2 as pb
 

@@ -220,15 +220,16 @@ class SwarmPeerServicer(pb_grpc.SwarmPeerServicer):
 
     async def _serve_pushed_step(self, session: InferenceSessionState, step: pb.InferenceStep) -> None:
         try:
-            await self._serve_step(session, step)
+            await self._serve_step(session, step, pushed=True)
         except grpc.aio.AbortError:
             pass  # the session's stream ended with the status the abort set
         except Exception as error:  # the session's stream closed under us: its client hears from it
             logger.warning(f"pushed step of session {session.session_id} dropped: {error!r}")
 
-    async def _serve_step(self, session: InferenceSessionState, step: pb.InferenceStep) -> None:
+    async def _serve_step(self, session: InferenceSessionState, step: pb.InferenceStep, pushed: bool = False) -> None:
         """Runs one step of the session, passes its output on to the next peer when asked, and answers the client
-        on the session's stream. A bad step gets a StepError and changes nothing."""
+        on the session's stream (for a step that came by push, with a digest of its input: the client checks it
+        against what the peer before us answered). A bad step gets a StepError and changes nothing."""
         context = session.answers
         async with session.turn:
             if session.closed or step.step_id == session.last_step_id > 0:
@@ -251,6 +252,7 @@ class SwarmPeerServicer(pb_grpc.SwarmPeerServicer):
                     getattr(grpc.StatusCode, SPAN_MOVED_STATUS), f"this peer moved to blocks "
                     f"{self.span.start}:{self.span.end}; the session must continue on another peer",
                 )
+            input_digest = tensors.digest(work.hidden_states) if pushed else b""
             session.last_step = self.runtime.submit_step(work, only_session=len(self.open_sessions) == 1)
             try:
                 output = await asyncio.shield(session.last_step)
@@ -262,10 +264,10 @@ class SwarmPeerServicer(pb_grpc.SwarmPeerServicer):
             # The push goes first: the next peer's compute is what the client waits for, not this answer. The next
             # peer takes this peer's dtype (the client pushes no further), which a block may have left.
             passed_on = encoded if output.dtype == self.dtype else tensors.encode(output.to(self.dtype), session.codec)
-            pushed, push_error = await self._push_on(session, step, passed_on) if step.push_to else (False, "")
+            pushed_on, push_error = await self._push_on(session, step, passed_on) if step.push_to else (False, "")
             await context.write(pb.InferenceResponse(result=pb.StepResult(
-                step_id=step.step_id, hidden_states=encoded, position=session.position, pushed=pushed,
-                push_error=push_error,
+                step_id=step.step_id, hidden_states=encoded, position=session.position, pushed=pushed_on,
+                push_error=push_error, input_digest=input_digest,
             )))
 
     async def _push_on(self, session: InferenceSessionState, step: pb.InferenceStep, output: pb.Tensor) -> tuple[bool, str]:

@@ -1,5 +1,6 @@
 """Tensors on the wire: raw bytes (or compressed ones) plus shape and dtype, decoded without a copy where torch allows."""
 
+import hashlib
 import math
 import warnings
 
@@ -70,3 +71,12 @@ def decode(message: pb.Tensor) -> torch.Tensor:
 
 def is_set(message: pb.Tensor) -> bool:
     return bool(message.dtype)
+
+
+def digest(tensor: torch.Tensor) -> bytes:
+    """A short hash of a tensor's dtype, shape and values: what a peer says it was pushed, for the client to compare
+    with what the peer before it answered."""
+    data = tensor.detach().cpu().contiguous()
+    hasher = hashlib.blake2b(f"{data.dtype}{list(data.shape)}".encode(), digest_size=16)
+    hasher.update(data.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return hasher.digest()

@@ -3,6 +3,7 @@ of liar (tests/liar_peer.py, and a peer serving other weights under the real mod
 convicted, and the results are exactly local `transformers`'."""
 
 import shutil
+import time
 from pathlib import Path
 
 import pytest
@@ -11,9 +12,15 @@ from safetensors.torch import load_file, save_file
 
 from client import AutoDistributedModelForCausalLM
 from client.verification import (
-    HopTimeline, Opinion, Referee, VerificationError, VerificationReport, tensors_agree, token_errors,
+    HopTimeline,
+    Opinion,
+    Referee,
+    VerificationError,
+    VerificationReport,
+    tensors_agree,
+    token_errors,
 )
-from peer.local_swarm import spawn_cli, start_peers, PeerHandle
+from peer.local_swarm import PeerHandle, spawn_cli, start_peers
 from swarm.checkpoint import Checkpoint
 from swarm.errors import MissingBlocksError
 from swarm.routing import Hop
@@ -88,6 +95,33 @@ def model(tiny_llama, bootstrap, honest, liar):
     view.chain = liar_first
     yield model
     model.close()
+
+
+def test_a_peer_that_pushes_other_values_than_it_answers_changes_no_token(tiny_llama, bootstrap, honest, reference):
+    """With peer-to-peer pushes, the next peer computes on what it was pushed, not on what the client saw: it says
+    what it got (a digest), and the client, seeing the two differ, sends the step on itself from then on."""
+    process = spawn_cli(
+        "serve", tiny_llama, "--initial-peers", bootstrap, "--blocks", "0:2", "--announce-period", "5",
+        "--num-threads", "1", module="tests.liar_peer", env={"SWARM_TEST_LIE": "push"},
+    )
+    pusher = PeerHandle.from_online_line(process)
+    after = next(handle for handle in honest if handle.start_block == 2)
+    model = AutoDistributedModelForCausalLM.from_pretrained(
+        tiny_llama, initial_peers=[bootstrap], allowed_peers=(pusher.peer_id, after.peer_id, honest[-1].peer_id),
+    )
+    try:
+        view = model.remote.view
+        for span in view.peer_spans():  # the pusher and the peer after it look fastest: the route goes through them
+            view._rtts[span.peer_id] = (0.0 if span.peer_id != honest[-1].peer_id else 0.5, time.monotonic())
+        expected = reference.generate(PROMPT, max_new_tokens=NEW_TOKENS, do_sample=False)
+        with model.inference_session(max_length=64) as session:
+            assert torch.equal(model.generate(PROMPT, max_new_tokens=NEW_TOKENS, do_sample=False), expected)
+            assert session.route[0].peer.peer_id == pusher.peer_id
+        assert session.pushed_steps < NEW_TOKENS  # the pushes stopped once the digest gave them away
+        assert not view.is_convicted(after.peer_id)  # it computed right on what it got: no false conviction
+    finally:
+        model.close()
+        process.stop()
 
 
 def caught(model, liar) -> None:

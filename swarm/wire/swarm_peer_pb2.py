@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1bswarm/wire/swarm_peer.proto\x12\x05swarm\"C\n\x06Tensor\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\r\n\x05\x64type\x18\x03 \x01(\t\x12\r\n\x05\x63odec\x18\x04 \x01(\t\"\r\n\x0bInfoRequest\"\xe9\x01\n\x0cInfoResponse\x12\x18\n\x10protocol_version\x18\x01 \x01(\t\x12\x14\n\x0cmodel_prefix\x18\x02 \x01(\t\x12\x13\n\x0bstart_block\x18\x03 \x01(\x05\x12\x11\n\tend_block\x18\x04 \x01(\x05\x12\r\n\x05\x64type\x18\x05 \x01(\t\x12\x19\n\x11\x63\x61\x63he_tokens_left\x18\x06 \x01(\x03\x12\x13\n\x0bhidden_size\x18\x07 \x01(\x05\x12\x19\n\x11max_message_bytes\x18\x08 \x01(\x03\x12\x15\n\rlargest_batch\x18\t \x01(\x05\x12\x10\n\x08\x61\x64\x61pters\x18\n \x03(\t\"\x8b\x02\n\x0bOpenSession\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x13\n\x0bstart_block\x18\x02 \x01(\x05\x12\x11\n\tend_block\x18\x03 \x01(\x05\x12\x12\n\nbatch_size\x18\x04 \x01(\x05\x12\x12\n\nmax_length\x18\x05 \x01(\x05\x12\x15\n\ralloc_timeout\x18\x06 \x01(\x02\x12 \n\x04lora\x18\x07 \x03(\x0b\x32\x12.swarm.NamedTensor\x12\x14\n\x0clora_scaling\x18\x08 \x01(\x02\x12\x0f\n\x07\x61\x64\x61pter\x18\t \x01(\t\x12#\n\x0c\x64\x65\x65p_prompts\x18\n \x01(\x0b\x32\r.swarm.Tensor\x12\x13\n\x0b\x63ompression\x18\x0b \x01(\t\"\xa3\x02\n\rInferenceStep\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x0f\n\x07step_id\x18\x02 \x01(\x03\x12$\n\rhidden_states\x18\x03 \x01(\x0b\x32\r.swarm.Tensor\x12#\n\x0cposition_ids\x18\x04 \x01(\x0b\x32\r.swarm.Tensor\x12%\n\x0e\x61ttention_mask\x18\x05 \x01(\x0b\x32\r.swarm.Tensor\x12#\n\x0c\x62\x65\x61m_reorder\x18\x06 \x01(\x0b\x32\r.swarm.Tensor\x12\x16\n\x0estart_position\x18\x07 \x01(\x03\x12\x1a\n\x12has_start_position\x18\x08 \x01(\x08\x12\"\n\x07push_to\x18\t \x03(\x0b\x32\x11.swarm.PushTarget\"1\n\nPushTarget\x12\x0f\n\x07peer_id\x18\x01 \x01(\t\x12\x12\n\nsession_id\x18\x02 \x01(\t\"d\n\x10InferenceRequest\x12\"\n\x04open\x18\x01 \x01(\x0b\x32\x12.swarm.OpenSessionH\x00\x12$\n\x04step\x18\x02 \x01(\x0b\x32\x14.swarm.InferenceStepH\x00\x42\x06\n\x04kind\"7\n\rSessionOpened\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x12\n\nmax_length\x18\x02 \x01(\x05\"y\n\nStepResult\x12\x0f\n\x07step_id\x18\x01 \x01(\x03\x12$\n\rhidden_states\x18\x02 \x01(\x0b\x32\r.swarm.Tensor\x12\x10\n\x08position\x18\x03 \x01(\x03\x12\x0e\n\x06pushed\x18\x04 \x01(\x08\x12\x12\n\npush_error\x18\x05 \x01(\t\";\n\tStepError\x12\x0f\n\x07step_id\x18\x01 \x01(\x03\x12\x0c\n\x04\x63ode\x18\x02 \x01(\t\x12\x0f\n\x07message\x18\x03 \x01(\t\"\x8b\x01\n\x11InferenceResponse\x12&\n\x06opened\x18\x01 \x01(\x0b\x32\x14.swarm.SessionOpenedH\x00\x12#\n\x06result\x18\x02 \x01(\x0b\x32\x11.swarm.StepResultH\x00\x12!\n\x05\x65rror\x18\x03 \x01(\x0b\x32\x10.swarm.StepErrorH\x00\x42\x06\n\x04kind\"\r\n\x0bPushSummary\":\n\x0bNamedTensor\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x1d\n\x06tensor\x18\x02 \x01(\x0b\x32\r.swarm.Tensor\"\xad\x02\n\x0e\x46orwardRequest\x12\x13\n\x0bstart_block\x18\x01 \x01(\x05\x12\x11\n\tend_block\x18\x02 \x01(\x05\x12$\n\rhidden_states\x18\x03 \x01(\x0b\x32\r.swarm.Tensor\x12#\n\x0cposition_ids\x18\x04 \x01(\x0b\x32\r.swarm.Tensor\x12%\n\x0e\x61ttention_mask\x18\x05 \x01(\x0b\x32\r.swarm.Tensor\x12#\n\x0c\x64\x65\x65p_prompts\x18\x06 \x01(\x0b\x32\r.swarm.Tensor\x12 \n\x04lora\x18\x07 \x03(\x0b\x32\x12.swarm.NamedTensor\x12\x14\n\x0clora_scaling\x18\x08 \x01(\x02\x12\x0f\n\x07\x61\x64\x61pter\x18\t \x01(\t\x12\x13\n\x0b\x63ompression\x18\n \x01(\t\"7\n\x0f\x46orwardResponse\x12$\n\rhidden_states\x18\x01 \x01(\x0b\x32\r.swarm.Tensor\"]\n\x0f\x42\x61\x63kwardRequest\x12%\n\x06inputs\x18\x01 \x01(\x0b\x32\x15.swarm.ForwardRequest\x12#\n\x0cgrad_outputs\x18\x02 \x01(\x0b\x32\r.swarm.Tensor\"\x15\n\x05\x43hunk\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\"\x8e\x01\n\x10\x42\x61\x63kwardResponse\x12)\n\x12grad_hidden_states\x18\x01 \x01(\x0b\x32\r.swarm.Tensor\x12(\n\x11grad_deep_prompts\x18\x02 \x01(\x0b\x32\r.swarm.Tensor\x12%\n\tgrad_lora\x18\x03 \x03(\x0b\x32\x12.swarm.NamedTensor\"X\n\x0f\x44ialBackRequest\x12\x0c\n\x04port\x18\x01 \x01(\x05\x12\x13\n\x0b\x63\x65rtificate\x18\x02 \x01(\x0c\x12\x10\n\x08identity\x18\x03 \x01(\t\x12\x10\n\x08\x64ht_port\x18\x04 \x01(\x05\"b\n\x10\x44ialBackResponse\x12\x15\n\robserved_host\x18\x01 \x01(\t\x12\x11\n\treachable\x18\x02 \x01(\x08\x12\x15\n\rdht_reachable\x18\x03 \x01(\x08\x12\r\n\x05\x65rror\x18\x04 \x01(\t2\x90\x03\n\tSwarmPeer\x12/\n\x04Info\x12\x12.swarm.InfoRequest\x1a\x13.swarm.InfoResponse\x12\x42\n\tInference\x12\x17.swarm.InferenceRequest\x1a\x18.swarm.InferenceResponse(\x01\x30\x01\x12\x32\n\x04Push\x12\x14.swarm.InferenceStep\x1a\x12.swarm.PushSummary(\x01\x12\x38\n\x07\x46orward\x12\x15.swarm.ForwardRequest\x1a\x16.swarm.ForwardResponse\x12;\n\x08\x42\x61\x63kward\x12\x16.swarm.BackwardRequest\x1a\x17.swarm.BackwardResponse\x12\x30\n\x0e\x46orwardChunked\x12\x0c.swarm.Chunk\x1a\x0c.swarm.Chunk(\x01\x30\x01\x12\x31\n\x0f\x42\x61\x63kwardChunked\x12\x0c.swarm.Chunk\x1a\x0c.swarm.Chunk(\x01\x30\x01\x32I\n\nRendezvous\x12;\n\x08\x44ialBack\x12\x16.swarm.DialBackRequest\x1a\x17.swarm.DialBackResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1bswarm/wire/swarm_peer.proto\x12\x05swarm\"C\n\x06Tensor\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\r\n\x05\x64type\x18\x03 \x01(\t\x12\r\n\x05\x63odec\x18\x04 \x01(\t\"\r\n\x0bInfoRequest\"\xe9\x01\n\x0cInfoResponse\x12\x18\n\x10protocol_version\x18\x01 \x01(\t\x12\x14\n\x0cmodel_prefix\x18\x02 \x01(\t\x12\x13\n\x0bstart_block\x18\x03 \x01(\x05\x12\x11\n\tend_block\x18\x04 \x01(\x05\x12\r\n\x05\x64type\x18\x05 \x01(\t\x12\x19\n\x11\x63\x61\x63he_tokens_left\x18\x06 \x01(\x03\x12\x13\n\x0bhidden_size\x18\x07 \x01(\x05\x12\x19\n\x11max_message_bytes\x18\x08 \x01(\x03\x12\x15\n\rlargest_batch\x18\t \x01(\x05\x12\x10\n\x08\x61\x64\x61pters\x18\n \x03(\t\"\x8b\x02\n\x0bOpenSession\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x13\n\x0bstart_block\x18\x02 \x01(\x05\x12\x11\n\tend_block\x18\x03 \x01(\x05\x12\x12\n\nbatch_size\x18\x04 \x01(\x05\x12\x12\n\nmax_length\x18\x05 \x01(\x05\x12\x15\n\ralloc_timeout\x18\x06 \x01(\x02\x12 \n\x04lora\x18\x07 \x03(\x0b\x32\x12.swarm.NamedTensor\x12\x14\n\x0clora_scaling\x18\x08 \x01(\x02\x12\x0f\n\x07\x61\x64\x61pter\x18\t \x01(\t\x12#\n\x0c\x64\x65\x65p_prompts\x18\n \x01(\x0b\x32\r.swarm.Tensor\x12\x13\n\x0b\x63ompression\x18\x0b \x01(\t\"\xa3\x02\n\rInferenceStep\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x0f\n\x07step_id\x18\x02 \x01(\x03\x12$\n\rhidden_states\x18\x03 \x01(\x0b\x32\r.swarm.Tensor\x12#\n\x0cposition_ids\x18\x04 \x01(\x0b\x32\r.swarm.Tensor\x12%\n\x0e\x61ttention_mask\x18\x05 \x01(\x0b\x32\r.swarm.Tensor\x12#\n\x0c\x62\x65\x61m_reorder\x18\x06 \x01(\x0b\x32\r.swarm.Tensor\x12\x16\n\x0estart_position\x18\x07 \x01(\x03\x12\x1a\n\x12has_start_position\x18\x08 \x01(\x08\x12\"\n\x07push_to\x18\t \x03(\x0b\x32\x11.swarm.PushTarget\"1\n\nPushTarget\x12\x0f\n\x07peer_id\x18\x01 \x01(\t\x12\x12\n\nsession_id\x18\x02 \x01(\t\"d\n\x10InferenceRequest\x12\"\n\x04open\x18\x01 \x01(\x0b\x32\x12.swarm.OpenSessionH\x00\x12$\n\x04step\x18\x02 \x01(\x0b\x32\x14.swarm.InferenceStepH\x00\x42\x06\n\x04kind\"7\n\rSessionOpened\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x12\n\nmax_length\x18\x02 \x01(\x05\"\x8f\x01\n\nStepResult\x12\x0f\n\x07step_id\x18\x01 \x01(\x03\x12$\n\rhidden_states\x18\x02 \x01(\x0b\x32\r.swarm.Tensor\x12\x10\n\x08position\x18\x03 \x01(\x03\x12\x0e\n\x06pushed\x18\x04 \x01(\x08\x12\x12\n\npush_error\x18\x05 \x01(\t\x12\x14\n\x0cinput_digest\x18\x06 \x01(\x0c\";\n\tStepError\x12\x0f\n\x07step_id\x18\x01 \x01(\x03\x12\x0c\n\x04\x63ode\x18\x02 \x01(\t\x12\x0f\n\x07message\x18\x03 \x01(\t\"\x8b\x01\n\x11InferenceResponse\x12&\n\x06opened\x18\x01 \x01(\x0b\x32\x14.swarm.SessionOpenedH\x00\x12#\n\x06result\x18\x02 \x01(\x0b\x32\x11.swarm.StepResultH\x00\x12!\n\x05\x65rror\x18\x03 \x01(\x0b\x32\x10.swarm.StepErrorH\x00\x42\x06\n\x04kind\"\r\n\x0bPushSummary\":\n\x0bNamedTensor\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x1d\n\x06tensor\x18\x02 \x01(\x0b\x32\r.swarm.Tensor\"\xad\x02\n\x0e\x46orwardRequest\x12\x13\n\x0bstart_block\x18\x01 \x01(\x05\x12\x11\n\tend_block\x18\x02 \x01(\x05\x12$\n\rhidden_states\x18\x03 \x01(\x0b\x32\r.swarm.Tensor\x12#\n\x0cposition_ids\x18\x04 \x01(\x0b\x32\r.swarm.Tensor\x12%\n\x0e\x61ttention_mask\x18\x05 \x01(\x0b\x32\r.swarm.Tensor\x12#\n\x0c\x64\x65\x65p_prompts\x18\x06 \x01(\x0b\x32\r.swarm.Tensor\x12 \n\x04lora\x18\x07 \x03(\x0b\x32\x12.swarm.NamedTensor\x12\x14\n\x0clora_scaling\x18\x08 \x01(\x02\x12\x0f\n\x07\x61\x64\x61pter\x18\t \x01(\t\x12\x13\n\x0b\x63ompression\x18\n \x01(\t\"7\n\x0f\x46orwardResponse\x12$\n\rhidden_states\x18\x01 \x01(\x0b\x32\r.swarm.Tensor\"]\n\x0f\x42\x61\x63kwardRequest\x12%\n\x06inputs\x18\x01 \x01(\x0b\x32\x15.swarm.ForwardRequest\x12#\n\x0cgrad_outputs\x18\x02 \x01(\x0b\x32\r.swarm.Tensor\"\x15\n\x05\x43hunk\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\"\x8e\x01\n\x10\x42\x61\x63kwardResponse\x12)\n\x12grad_hidden_states\x18\x01 \x01(\x0b\x32\r.swarm.Tensor\x12(\n\x11grad_deep_prompts\x18\x02 \x01(\x0b\x32\r.swarm.Tensor\x12%\n\tgrad_lora\x18\x03 \x03(\x0b\x32\x12.swarm.NamedTensor\"X\n\x0f\x44ialBackRequest\x12\x0c\n\x04port\x18\x01 \x01(\x05\x12\x13\n\x0b\x63\x65rtificate\x18\x02 \x01(\x0c\x12\x10\n\x08identity\x18\x03 \x01(\t\x12\x10\n\x08\x64ht_port\x18\x04 \x01(\x05\"b\n\x10\x44ialBackResponse\x12\x15\n\robserved_host\x18\x01 \x01(\t\x12\x11\n\treachable\x18\x02 \x01(\x08\x12\x15\n\rdht_reachable\x18\x03 \x01(\x08\x12\r\n\x05\x65rror\x18\x04 \x01(\t2\x90\x03\n\tSwarmPeer\x12/\n\x04Info\x12\x12.swarm.InfoRequest\x1a\x13.swarm.InfoResponse\x12\x42\n\tInference\x12\x17.swarm.InferenceRequest\x1a\x18.swarm.InferenceResponse(\x01\x30\x01\x12\x32\n\x04Push\x12\x14.swarm.InferenceStep\x1a\x12.swarm.PushSummary(\x01\x12\x38\n\x07\x46orward\x12\x15.swarm.ForwardRequest\x1a\x16.swarm.ForwardResponse\x12;\n\x08\x42\x61\x63kward\x12\x16.swarm.BackwardRequest\x1a\x17.swarm.BackwardResponse\x12\x30\n\x0e\x46orwardChunked\x12\x0c.swarm.Chunk\x1a\x0c.swarm.Chunk(\x01\x30\x01\x12\x31\n\x0f\x42\x61\x63kwardChunked\x12\x0c.swarm.Chunk\x1a\x0c.swarm.Chunk(\x01\x30\x01\x32I\n\nRendezvous\x12;\n\x08\x44ialBack\x12\x16.swarm.DialBackRequest\x1a\x17.swarm.DialBackResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -47,32 +47,32 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_INFERENCEREQUEST']._serialized_end=1073
   _globals['_SESSIONOPENED']._serialized_start=1075
   _globals['_SESSIONOPENED']._serialized_end=1130
-  _globals['_STEPRESULT']._serialized_start=1132
-  _globals['_STEPRESULT']._serialized_end=1253
-  _globals['_STEPERROR']._serialized_start=1255
-  _globals['_STEPERROR']._serialized_end=1314
-  _globals['_INFERENCERESPONSE']._serialized_start=1317
-  _globals['_INFERENCERESPONSE']._serialized_end=1456
-  _globals['_PUSHSUMMARY']._serialized_start=1458
-  _globals['_PUSHSUMMARY']._serialized_end=1471
-  _globals['_NAMEDTENSOR']._serialized_start=1473
-  _globals['_NAMEDTENSOR']._serialized_end=1531
-  _globals['_FORWARDREQUEST']._serialized_start=1534
-  _globals['_FORWARDREQUEST']._serialized_end=1835
-  _globals['_FORWARDRESPONSE']._serialized_start=1837
-  _globals['_FORWARDRESPONSE']._serialized_end=1892
-  _globals['_BACKWARDREQUEST']._serialized_start=1894
-  _globals['_BACKWARDREQUEST']._serialized_end=1987
-  _globals['_CHUNK']._serialized_start=1989
-  _globals['_CHUNK']._serialized_end=2010
-  _globals['_BACKWARDRESPONSE']._serialized_start=2013
-  _globals['_BACKWARDRESPONSE']._serialized_end=2155
-  _globals['_DIALBACKREQUEST']._serialized_start=2157
-  _globals['_DIALBACKREQUEST']._serialized_end=2245
-  _globals['_DIALBACKRESPONSE']._serialized_start=2247
-  _globals['_DIALBACKRESPONSE']._serialized_end=2345
-  _globals['_SWARMPEER']._serialized_start=2348
-  _globals['_SWARMPEER']._serialized_end=2748
-  _globals['_RENDEZVOUS']._serialized_start=2750
-  _globals['_RENDEZVOUS']._serialized_end=2823
+  _globals['_STEPRESULT']._serialized_start=1133
+  _globals['_STEPRESULT']._serialized_end=1276
+  _globals['_STEPERROR']._serialized_start=1278
+  _globals['_STEPERROR']._serialized_end=1337
+  _globals['_INFERENCERESPONSE']._serialized_start=1340
+  _globals['_INFERENCERESPONSE']._serialized_end=1479
+  _globals['_PUSHSUMMARY']._serialized_start=1481
+  _globals['_PUSHSUMMARY']._serialized_end=1494
+  _globals['_NAMEDTENSOR']._serialized_start=1496
+  _globals['_NAMEDTENSOR']._serialized_end=1554
+  _globals['_FORWARDREQUEST']._serialized_start=1557
+  _globals['_FORWARDREQUEST']._serialized_end=1858
+  _globals['_FORWARDRESPONSE']._serialized_start=1860
+  _globals['_FORWARDRESPONSE']._serialized_end=1915
+  _globals['_BACKWARDREQUEST']._serialized_start=1917
+  _globals['_BACKWARDREQUEST']._serialized_end=2010
+  _globals['_CHUNK']._serialized_start=2012
+  _globals['_CHUNK']._serialized_end=2033
+  _globals['_BACKWARDRESPONSE']._serialized_start=2036
+  _globals['_BACKWARDRESPONSE']._serialized_end=2178
+  _globals['_DIALBACKREQUEST']._serialized_start=2180
+  _globals['_DIALBACKREQUEST']._serialized_end=2268
+  _globals['_DIALBACKRESPONSE']._serialized_start=2270
+  _globals['_DIALBACKRESPONSE']._serialized_end=2368
+  _globals['_SWARMPEER']._serialized_start=2371
+  _globals['_SWARMPEER']._serialized_end=2771
+  _globals['_RENDEZVOUS']._serialized_start=2773
+  _globals['_RENDEZVOUS']._serialized_end=2846
 # @@protoc_insertion_point(module_scope)

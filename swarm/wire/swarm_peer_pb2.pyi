@@ -119,18 +119,20 @@ class SessionOpened(_message.Message):
     def __init__(self, session_id: _Optional[str] = ..., max_length: _Optional[int] = ...) -> None: ...
 
 class StepResult(_message.Message):
-    __slots__ = ("step_id", "hidden_states", "position", "pushed", "push_error")
+    __slots__ = ("step_id", "hidden_states", "position", "pushed", "push_error", "input_digest")
     STEP_ID_FIELD_NUMBER: _ClassVar[int]
     HIDDEN_STATES_FIELD_NUMBER: _ClassVar[int]
     POSITION_FIELD_NUMBER: _ClassVar[int]
     PUSHED_FIELD_NUMBER: _ClassVar[int]
     PUSH_ERROR_FIELD_NUMBER: _ClassVar[int]
+    INPUT_DIGEST_FIELD_NUMBER: _ClassVar[int]
     step_id: int
     hidden_states: Tensor
     position: int
     pushed: bool
     push_error: str
-    def __init__(self, step_id: _Optional[int] = ..., hidden_states: _Optional[_Union[Tensor, _Mapping]] = ..., position: _Optional[int] = ..., pushed: _Optional[bool] = ..., push_error: _Optional[str] = ...) -> None: ...
+    input_digest: bytes
+    def __init__(self, step_id: _Optional[int] = ..., hidden_states: _Optional[_Union[Tensor, _Mapping]] = ..., position: _Optional[int] = ..., pushed: _Optional[bool] = ..., push_error: _Optional[str] = ..., input_digest: _Optional[bytes] = ...) -> None: ...
 
 class StepError(_message.Message):
     __slots__ = ("step_id", "code", "message")
