@@ -124,6 +124,35 @@ def test_a_peer_that_pushes_other_values_than_it_answers_changes_no_token(tiny_l
         process.stop()
 
 
+@pytest.mark.slow
+def test_honest_replicas_of_other_thread_counts_and_batch_shapes_convict_nobody(tiny_llama, bootstrap, honest, reference):
+    (threaded,) = start_peers(tiny_llama, bootstrap, ["0:4"], "--num-threads", "2")  # start_peers gives 1 thread
+    peers = tuple(handle.peer_id for handle in [*honest, threaded])
+    model = AutoDistributedModelForCausalLM.from_pretrained(
+        tiny_llama, initial_peers=[bootstrap], allowed_peers=peers, verify_every=4,
+    )
+    try:
+        checks = 0
+        for generation in range(50):
+            rows = 1 + generation % 4
+            ids = torch.randint(3, 250, (rows, 3 + generation % 5), generator=torch.Generator().manual_seed(generation))
+            mask = torch.ones_like(ids)
+            mask[1:, : generation % 3] = 0  # left padding in all rows but the first
+            options = dict(max_new_tokens=6, do_sample=generation % 2 == 1, attention_mask=mask)
+            torch.manual_seed(generation)
+            expected = reference.generate(ids, **options)
+            torch.manual_seed(generation)
+            output = model.generate(ids, **options)
+            assert torch.equal(output, expected)
+            assert output.verification.checked and not output.verification.caught
+            checks += output.verification.checks
+        assert not any(model.remote.view.is_convicted(peer) for peer in peers)
+        print(f"\n50 honest generations: {checks} checks, nobody convicted")
+    finally:
+        model.close()
+        threaded.process.stop()
+
+
 def caught(model, liar) -> None:
     name, lying = liar
     assert model.remote.view.is_convicted(lying.peer_id), f"{name} was not caught"
