@@ -34,12 +34,13 @@ class ClientConfig:
     # A failing peer is avoided for ban_seconds, doubling with each further failure up to max_ban_seconds.
     ban_seconds: float = 15.0
     max_ban_seconds: float = 300.0
-    # Check peers' answers: another peer (or chain) serving the same blocks recomputes them from the same inputs
-    # (see client/verification.py). An inference session is checked at the end of every generate call and after
-    # about every `verify_every` steps (a random number between half and one and a half times it; 0: only at the
-    # end); training calls are all checked.
+    # Check peers' answers: other peers serving the same blocks recompute them from the same inputs (see
+    # client/verification.py). An inference session is checked at the end of every generate call (nothing is
+    # returned unchecked) and, if verify_every > 0, also after a random number of steps between half and one and
+    # a half times it (a liar is caught sooner, but each check recomputes the whole cache); training calls are all
+    # checked.
     verify: bool = True
-    verify_every: int = 32
+    verify_every: int = 0
     # A peer caught answering wrong is avoided for liar_ban_seconds, doubling each time up to max_liar_ban_seconds.
     liar_ban_seconds: float = 3600.0
     max_liar_ban_seconds: float = 7 * 24 * 3600.0

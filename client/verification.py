@@ -152,9 +152,13 @@ class Referee:
 
     @staticmethod
     def _opinion(recompute: Callable[[frozenset[str]], Opinion], exclude: frozenset[str]) -> Opinion | None:
+        """None when no other peer serves the blocks, or those that do failed (already banned by the call)."""
         try:
             return recompute(exclude)
         except MissingBlocksError:
+            return None
+        except SwarmError as error:
+            logger.warning(f"a second opinion failed ({error}); the answer stays unchecked this time")
             return None
 
 

@@ -70,6 +70,7 @@ class ComputeRuntime:
         self._wake = threading.Condition()
         self._stopping = False
         self._busy = False  # a pass runs (on the compute thread or inline); guarded by _wake
+        self._jobs_turn = False  # the next pass is for jobs, if any wait: one follows every pass of steps
         self._thread = threading.Thread(target=self._work, name=name, daemon=True)
         self._thread.start()
 
@@ -141,10 +142,15 @@ class ComputeRuntime:
                     self._awaited.clear()
                 if self._stopping:
                     return
-                steps, jobs = list(self._steps), []
-                self._steps.clear()
-                if not steps:
+                # Inference steps go first, but a pass of waiting jobs (Forward/Backward: training, and clients'
+                # checks of other peers' answers) follows every pass of steps, so that sessions cannot starve them.
+                steps, jobs = [], []
+                if self._jobs and (self._jobs_turn or not self._steps):
                     jobs = self._take_mergeable_jobs()
+                else:
+                    steps = list(self._steps)
+                    self._steps.clear()
+                self._jobs_turn = bool(steps)
                 self._busy = True
             try:
                 if steps:

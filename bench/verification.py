@@ -1,0 +1,142 @@
+"""What checking peers' answers costs, and how soon a liar is caught.
+
+    python -m bench.verification [--hidden 1024 --layers 8] [--repeats 5] [--new-tokens 64] [--sessions 16]
+
+Two peers each serve every block (so every answer can be checked by the other); local `transformers` decodes the
+same prompt in the same run. Figures: decode tokens/s with verification on (the default) and off, for one session
+(`generate`) and for many sessions stepping at once from threads of one client (each checked at its end, as
+`generate` does); then a peer that lies on 1 step in 20 (tests/liar_peer.py) against clients checking every
+`verify_every` steps: how many generations end with local's tokens (all must), and how many wrong steps the liar
+answered before it was caught (what was computed again).
+"""
+
+import argparse
+import statistics
+import tempfile
+import threading
+import time
+
+import torch
+from transformers import LlamaForCausalLM
+
+from bench.common import add_model_arguments, interleaved_medians, model_config
+from client import AutoDistributedModelForCausalLM
+from peer.local_swarm import PeerHandle, spawn_cli, start_bootstrap, start_peers
+from swarm.checkpoint_maker import save_random_checkpoint
+
+
+def sessions_decode(model, prompts: torch.Tensor, new_tokens: int, verify: bool) -> float:
+    """Seconds for every row of `prompts` to decode `new_tokens` tokens in a session of its own, each from a thread
+    (feeding fixed tokens: the cost of the steps, not of the head), then checked if `verify`."""
+    embed = model.get_input_embeddings()
+    model.remote.config.verify = verify
+
+    def run(row: torch.Tensor) -> None:
+        with torch.inference_mode(), model.remote.inference_session(max_length=row.numel() + new_tokens) as session:
+            session.step(embed(row[None]))
+            for step in range(new_tokens):
+                session.step(embed(row[step % row.numel()].reshape(1, 1)))
+            session.verify()
+
+    threads = [threading.Thread(target=run, args=(row,)) for row in prompts]
+    started = time.perf_counter()
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return time.perf_counter() - started
+
+
+def cost(args, folder: str, local, bootstrap: str) -> None:
+    prompt = torch.randint(3, local.config.vocab_size, (1, 16))
+    options = dict(max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens, do_sample=False)
+    checked = AutoDistributedModelForCausalLM.from_pretrained(folder, initial_peers=[bootstrap])
+    unchecked = AutoDistributedModelForCausalLM.from_pretrained(folder, initial_peers=[bootstrap], verify=False)
+    try:
+        runs = {
+            "local": lambda: local.generate(prompt, **options),
+            "on": lambda: checked.generate(prompt, **options),
+            "off": lambda: unchecked.generate(prompt, **options),
+        }
+        seconds = interleaved_medians(runs, args.repeats)
+        output = checked.generate(prompt, **options)
+        same = torch.equal(output, local.generate(prompt, **options))
+        rate = {name: args.new_tokens / value for name, value in seconds.items()}
+        print(f"| single session, {args.new_tokens} tokens | {rate['on']:.1f} | {rate['off']:.1f} | "
+              f"{rate['on'] / rate['off']:.3f} | {rate['local']:.1f} | checks {output.verification.checks}, same "
+              f"tokens as local: {same} |")
+        prompts = torch.randint(3, local.config.vocab_size, (args.sessions, 8))
+        on, off = [], []
+        for _ in range(args.repeats):
+            on.append(sessions_decode(checked, prompts, args.new_tokens, True))
+            off.append(sessions_decode(checked, prompts, args.new_tokens, False))
+        tokens = args.sessions * args.new_tokens
+        print(f"| {args.sessions} sessions, one client process | {tokens / statistics.median(on):.1f} "
+              f"({tokens / max(on):.1f}-{tokens / min(on):.1f}) | {tokens / statistics.median(off):.1f} "
+              f"({tokens / max(off):.1f}-{tokens / min(off):.1f}) | "
+              f"{statistics.median(off) / statistics.median(on):.3f} | | |")
+    finally:
+        checked.close()
+        unchecked.close()
+
+
+def detection(args, folder: str, local, bootstrap: str, honest: list[PeerHandle]) -> None:
+    prompt = torch.randint(3, local.config.vocab_size, (1, 16))
+    options = dict(max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens, do_sample=False)
+    expected = local.generate(prompt, **options)
+    for every in args.verify_every:
+        got_away, exact = [], 0
+        for trial in range(args.liar_trials):
+            liar = PeerHandle.from_online_line(spawn_cli(
+                "serve", folder, "--initial-peers", bootstrap, "--blocks", f"0:{args.layers}", "--num-threads", "1",
+                module="tests.liar_peer", env={"SWARM_TEST_LIE": "sometimes:20", "SWARM_TEST_LIE_SEED": str(trial)},
+            ))
+            model = AutoDistributedModelForCausalLM.from_pretrained(folder, initial_peers=[bootstrap], verify_every=every)
+            try:
+                view = model.remote.view
+                for span in view.peer_spans():  # the liar looks fastest: it gets the traffic until it is caught
+                    view._rtts[span.peer_id] = (0.0 if span.peer_id == liar.peer_id else 0.01, time.monotonic())
+                for _ in range(args.generations):
+                    output = model.generate(prompt, **options)
+                    exact += torch.equal(output, expected)
+                    got_away += [conviction.steps_got_away for conviction in output.verification.caught]
+            finally:
+                model.close()
+                liar.process.stop()
+        trials = args.liar_trials * args.generations
+        steps = f"median {statistics.median(got_away)}, {min(got_away)}-{max(got_away)}" if got_away else "never caught"
+        print(f"| verify_every={every or 'end only'} | {exact}/{trials} | {len(got_away)} of {args.liar_trials} | {steps} |")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_model_arguments(parser)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--new-tokens", type=int, default=64)
+    parser.add_argument("--sessions", type=int, default=16)
+    parser.add_argument("--verify-every", type=lambda text: [int(n) for n in text.split(",")], default=[0, 8, 32])
+    parser.add_argument("--liar-trials", type=int, default=3)
+    parser.add_argument("--generations", type=int, default=2)
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    with tempfile.TemporaryDirectory() as folder:
+        save_random_checkpoint(folder, model_config(args))
+        local = LlamaForCausalLM.from_pretrained(folder).eval().requires_grad_(False)
+        node, bootstrap = start_bootstrap()
+        honest = start_peers(folder, bootstrap, [f"0:{args.layers}"] * 2)
+        try:
+            print("| decode | verification on, tokens/s | off | on / off | local transformers | |")
+            print("|---|---:|---:|---:|---:|---|")
+            cost(args, folder, local, bootstrap)
+            print("\n| a peer wrong on 1 step in 20 | generations with local's tokens | liars caught | wrong steps "
+                  "before caught |")
+            print("|---|---:|---:|---|")
+            detection(args, folder, local, bootstrap, honest)
+        finally:
+            for peer in honest:
+                peer.process.stop()
+            node.stop()
+
+
+if __name__ == "__main__":
+    main()
