@@ -11,7 +11,9 @@ answered before it was caught (what was computed again).
 """
 
 import argparse
+import signal
 import statistics
+import sys
 import tempfile
 import threading
 import time
@@ -118,6 +120,7 @@ def main() -> None:
     parser.add_argument("--liar-trials", type=int, default=3)
     parser.add_argument("--generations", type=int, default=2)
     args = parser.parse_args()
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # a stopped benchmark still stops the peers it started
     torch.manual_seed(0)
     with tempfile.TemporaryDirectory() as folder:
         save_random_checkpoint(folder, model_config(args))

@@ -13,8 +13,6 @@ from client.transport import WATCHDOG
 from client.verification import (
     Conviction,
     HopTimeline,
-    Opinion,
-    Referee,
     VerificationReport,
     WrongAnswerCaught,
     tensors_agree,
@@ -157,7 +155,6 @@ class InferenceSession:
         # For checking answers (client/verification.py): what each hop's cache holds and what its peer answered.
         self._timelines: list[HopTimeline] = []
         self.report = VerificationReport()  # what the checks found; `generate` gives each call its own
-        self._referee = Referee(remote.view)
         self._check_rng = random.Random()  # not torch's: checks must not change seeded sampling
         self._steps_until_check = self._check_interval()
 
@@ -377,19 +374,17 @@ class InferenceSession:
         if prompts is not None:  # the session's prompts are the same for every row
             prompts = prompts.unsqueeze(1).expand(-1, recorded["inputs"].shape[0], -1, -1)
 
-        def recompute(exclude: frozenset[str]) -> Opinion:
-            reference = self.remote.referee(hop.start, hop.end, exclude)
+        def forward(reference) -> torch.Tensor:
             with torch.no_grad():
-                output = reference(recorded["inputs"], recorded["position_ids"], recorded["mask"], prompts,
-                                   self.lora, self.lora_scaling)
-            dtypes.update(reference.peers_used.values())
-            return Opinion(output, frozenset(reference.peers_used))
+                return reference(recorded["inputs"], recorded["position_ids"], recorded["mask"], prompts, self.lora,
+                                 self.lora_scaling)
 
         def agree(answer: torch.Tensor, reference: torch.Tensor) -> bool:
             return tensors_agree(answer, reference, tolerance(dtypes, self.remote.codec), recorded["mask"])
 
-        trusted = self._referee.settle(
-            hop.peer.peer_id, recorded["outputs"], recompute, agree, (hop.start, hop.end), self.report
+        trusted = self.remote.checker.settle(
+            hop.peer.peer_id, recorded["outputs"], self.remote.opinions(hop.start, hop.end, forward, dtypes), agree,
+            (hop.start, hop.end), self.report,
         )
         if trusted is None:
             return

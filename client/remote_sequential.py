@@ -1,7 +1,7 @@
 """RemoteSequential: a differentiable torch module standing for a range of the model's blocks, run by peers."""
 
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import grpc
 import torch
@@ -51,7 +51,7 @@ class RemoteSequential(nn.Module):
         self.check_answers = config.verify if check_answers is None else check_answers
         self.peers_used: dict[str, torch.dtype] = {}  # every peer that answered a call of this module, and its dtype
         self.report = VerificationReport()  # what the checks of training calls found
-        self._referee = Referee(self.view)
+        self.checker = Referee(self.view)
 
     def __len__(self) -> int:
         return self.end_block - self.start_block
@@ -81,6 +81,20 @@ class RemoteSequential(nn.Module):
             self.model_prefix, self.view.num_blocks, self.config, self.view, start, end, self.exclude | exclude, False,
             "inference",
         )
+
+    def opinions(
+        self, start: int, end: int, compute: Callable[["RemoteSequential"], object], dtypes: set[torch.dtype]
+    ) -> Callable[[frozenset[str]], Opinion]:
+        """What `Referee.settle` asks for: `compute` run on blocks [start, end) of peers outside a set it is given;
+        the dtypes of the peers that answered are added to `dtypes` (they set the tolerance)."""
+
+        def opinion(exclude: frozenset[str]) -> Opinion:
+            reference = self.referee(start, end, exclude)
+            answer = compute(reference)
+            dtypes.update(reference.peers_used.values())
+            return Opinion(answer, frozenset(reference.peers_used))
+
+        return opinion
 
     def __iter__(self) -> Iterator["RemoteSequential"]:
         return (self[index] for index in range(len(self)))
@@ -211,7 +225,10 @@ class _RemoteHop(torch.autograd.Function):
         hidden_dtype, prompts_dtype, lora_dtypes = ctx.dtypes
         remote, hop = ctx.remote, ctx.hop
         peer_dtype = DTYPES[hop.peer.record.dtype]
-        recompute = lambda reference: _reference_backward(reference, ctx.inputs, grad_output)  # noqa: E731
+
+        def recompute(reference: RemoteSequential) -> tuple:
+            return _reference_backward(reference, ctx.inputs, grad_output)
+
         if remote.view.is_convicted(hop.peer.peer_id):  # caught lying on this very forward: not asked again
             grads = _checked_elsewhere(remote, hop, recompute)
         else:
@@ -233,16 +250,9 @@ class _RemoteHop(torch.autograd.Function):
 def _checked(remote: RemoteSequential, hop: Hop, answer, recompute):
     """`answer` of the hop's peer if other peers agree with it, else theirs (client/verification.py)."""
     dtypes = {DTYPES[hop.peer.record.dtype]}
-
-    def opinion(exclude: frozenset[str]) -> Opinion:
-        reference = remote.referee(hop.start, hop.end, exclude)
-        result = recompute(reference)
-        dtypes.update(reference.peers_used.values())
-        return Opinion(result, frozenset(reference.peers_used))
-
-    trusted = remote._referee.settle(
-        hop.peer.peer_id, answer, opinion, lambda a, b: tensors_agree(a, b, tolerance(dtypes, remote.codec)),
-        (hop.start, hop.end), remote.report,
+    trusted = remote.checker.settle(
+        hop.peer.peer_id, answer, remote.opinions(hop.start, hop.end, recompute, dtypes),
+        lambda a, b: tensors_agree(a, b, tolerance(dtypes, remote.codec)), (hop.start, hop.end), remote.report,
     )
     return answer if trusted is None else trusted
 
