@@ -3,6 +3,7 @@
 import logging
 import queue
 import random
+import time
 import uuid
 
 import grpc
@@ -43,6 +44,7 @@ class HopSession:
         self.dtype = DTYPES[hop.peer.record.dtype]
         self.session_id = uuid.uuid4().hex
         self.push_refused = False  # the peer said why it would not push on (logged once)
+        self.sent_at = 0.0  # when we last sent this hop a step ourselves (perf_counter)
         self._step_timeout = step_timeout
         self._timed_out = False  # the watchdog cancelled this stream
         self._requests: queue.SimpleQueue = queue.SimpleQueue()
@@ -89,6 +91,7 @@ class HopSession:
             session_id=self.session_id, hidden_states=tensors.encode(hidden_states.to(self.dtype), self.codec), push_to=push_to
         )
         step.MergeFrom(step_fields)
+        self.sent_at = time.perf_counter()
         self._requests.put(pb.InferenceRequest(step=step))
 
     def receive(self, step_id: int) -> pb.StepResult:
@@ -231,6 +234,9 @@ class InferenceSession:
                 if not sent:
                     self._send(index, hidden_states, step_fields)
                 result = self._hops[index].receive(step_fields.step_id)
+                if not sent and hidden_states.shape[1] == 1:  # a decode step of ours: how fast the peer really is
+                    hop = self._hops[index].hop
+                    self.remote.view.observe_step(hop.peer, hop.end - hop.start, time.perf_counter() - self._hops[index].sent_at)
                 if sent and index > 0:
                     self._check_pushed_input(index, hidden_states, result)
                 if result.push_error and not self._hops[index].push_refused:  # relayed by us from now on

@@ -36,6 +36,8 @@ RETRYABLE = PEER_FAILURES | STALE_ROUTE
 HOP_PENALTY = 1e-3
 RTT_TTL = 30.0
 UNREACHABLE = 1e3
+# Weight of the newest decode step in a peer's measured compute time (an exponential moving average).
+MEASURED_STEP_WEIGHT = 0.3
 
 
 def _where(span: PeerSpan) -> str:
@@ -59,6 +61,8 @@ class SwarmView:
                                     "`swarm-peer bootstrap` printed)")
         self.dht = dht or swarm_dht(initial_peers=config.initial_peers, client_mode=True, start=True)[0]
         self._rtts: dict[str, tuple[float, float]] = {}  # peer id -> (round trip seconds, measured at)
+        # peer id -> seconds of compute per block of a decode step, as this client measured them
+        self._block_seconds: dict[str, float] = {}
         self._rng = random.Random()
         self._spans: list[PeerSpan] | None = None
         self._dht_lock = threading.Lock()  # the view reads the DHT from two threads; one request at a time
@@ -168,9 +172,21 @@ class SwarmView:
         logger.log(logging.WARNING if self.config.show_route else logging.DEBUG, f"route: {route}")
         return chain
 
+    def observe_step(self, span: PeerSpan, blocks: int, seconds: float) -> None:
+        """A decode step we sent to the peer through `blocks` of its blocks was answered after `seconds`: less the
+        round trip, what the peer really takes (its queue included), which routing believes over its record."""
+        compute = max(seconds - self._rtts.get(span.peer_id, (0.0, 0.0))[0], 0.0) / blocks
+        previous = self._block_seconds.get(span.peer_id, compute)
+        self._block_seconds[span.peer_id] = previous + MEASURED_STEP_WEIGHT * (compute - previous)
+
     def _step_cost(self, span: PeerSpan, start: int, end: int) -> float:
-        """Seconds one inference step through blocks [start, end) of this peer is expected to take."""
-        compute = (end - start) / (span.end - span.start) / max(span.record.throughput, 1e-3)
+        """Seconds one inference step through blocks [start, end) of this peer is expected to take: its compute as
+        we measured it if we did (a peer may announce any throughput), else as its record announces."""
+        measured = self._block_seconds.get(span.peer_id)
+        if measured is not None:
+            compute = measured * (end - start)
+        else:
+            compute = (end - start) / (span.end - span.start) / max(span.record.throughput, 1e-3)
         relay_hop = HOP_PENALTY if span.record.relay else 0.0  # measured round trips include it; ties go direct
         return HOP_PENALTY + relay_hop + self.round_trip(span) + compute
 

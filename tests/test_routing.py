@@ -57,6 +57,30 @@ def test_forward_backward_spreads_over_replicas(model, replicas):
     assert min(used.values()) >= 4  # 30 draws weighted by announced throughput (similar for the two)
 
 
+def test_a_peer_that_boasts_of_its_speed_is_routed_by_what_it_does(tiny_llama, bootstrap, replicas, monkeypatch):
+    """It announces a million tokens/s and answers pings at once, so a new client's first session goes to it; its
+    steps are slow, which the client measures: its next session goes to the replica that is really faster."""
+    monkeypatch.setenv("SWARM_TEST_BOAST", "1e6")
+    (boaster,) = start_peers(tiny_llama, bootstrap, ["0:4"], module="tests.slow_peer")
+    fast = replicas[1]
+    model = AutoDistributedModelForCausalLM.from_pretrained(
+        tiny_llama, initial_peers=[bootstrap], allowed_peers=(boaster.peer_id, fast.peer_id)
+    )
+    try:
+        view = model.remote.view
+        for span in view.peer_spans():  # equal round trips: the announced speed decides the first route
+            view._rtts[span.peer_id] = (1e-3, time.monotonic())
+        routes = []
+        for _ in range(2):
+            with model.inference_session(max_length=32) as session:
+                model.generate(torch.tensor([[1, 72, 105]]), max_new_tokens=6, do_sample=False)
+                routes.append([hop.peer.peer_id for hop in session.route])
+        assert routes == [[boaster.peer_id], [fast.peer_id]]
+    finally:
+        model.close()
+        boaster.process.stop()
+
+
 def test_hung_peer_times_out_and_is_replaced(tiny_llama, bootstrap, replicas, reference, monkeypatch):
     monkeypatch.setenv("SWARM_TEST_PEER_DELAY", "5")
     (hung,) = start_peers(tiny_llama, bootstrap, ["0:4"], module="tests.slow_peer")
