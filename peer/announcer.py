@@ -68,18 +68,18 @@ class Announcer:
         )
         pending, pause = dict(values), STORE_RETRY_PAUSE
         while True:
-            elsewhere = self.dht.run_coroutine(_knows_other_nodes, return_future=True).result(timeout=_left(deadline))
+            elsewhere = _result(self.dht.run_coroutine(_knows_other_nodes, return_future=True), deadline, True)
             own = {
                 key: self.dht.store(key, subkey=self.subkey, value=value, expiration_time=expiration_time,
                                     exclude_self=elsewhere, return_future=True)
                 for key, value in pending.items()
             }
-            pending = {key: values[key] for key, future in own.items() if not future.result(timeout=_left(deadline))}
+            pending = {key: values[key] for key, future in own.items() if not _result(future, deadline, False)}
             if not pending or _left(deadline) < pause:
                 break
             time.sleep(pause)
             pause *= 2
-        index.result(timeout=_left(deadline))
+        _result(index, deadline, False)
         if pending:
             logger.warning(f"DHT records {list(pending)} were not stored; will retry at the next announcement")
 
@@ -100,6 +100,14 @@ class Announcer:
 
 def _left(deadline: float) -> float:
     return max(0.0, deadline - time.monotonic())
+
+
+def _result(future, deadline: float, otherwise):
+    """The future's result, or `otherwise` if it has none by the deadline (the DHT is slow, or dead)."""
+    try:
+        return future.result(timeout=_left(deadline))
+    except TimeoutError:
+        return otherwise
 
 
 async def _knows_other_nodes(_dht: hivemind.DHT, node: DHTNode) -> bool:
