@@ -25,6 +25,18 @@ class SwarmCommandGroup(click.Group):
         except (SwarmError, AddressError) as error:
             raise click.ClickException(str(error)) from None
 
+    # `api` runs the client side of a model (client/api/cli.py): named here, loaded only when asked for, since peer
+    # code never imports client code.
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted([*super().list_commands(ctx), "api"])
+
+    def get_command(self, ctx: click.Context, name: str):
+        if name == "api":
+            from client.api.cli import api
+
+            return api
+        return super().get_command(ctx, name)
+
     def main(self, *args, **kwargs):
         try:
             super().main(*args, **kwargs)

@@ -2,7 +2,6 @@
 
 import json
 import re
-import shutil
 import subprocess
 import sys
 import time
@@ -12,6 +11,7 @@ import pytest
 from peer.local_swarm import spawn_cli, start_peers
 from swarm.checkpoint import Checkpoint
 from swarm.checkpoint_maker import save_random_checkpoint, tiny_llama_config
+from tests.browser import rendered_page
 
 pytestmark = pytest.mark.slow
 
@@ -52,24 +52,6 @@ def test_status_shows_coverage_peers_and_the_gap(model_with_a_gap, bootstrap):
     assert re.search(r"\n\s+1\s+GAP: no server\s+0", section)
     assert re.search(r"\n\s+2-3\s+1\s+[\d,]+", section)
     assert re.search(r"status-test\s+2:4\s+online", section)
-
-
-def browser() -> str:
-    path = shutil.which("chromium")
-    if path is None:
-        pytest.fail("chromium is not installed; scripts/test.sh installs it (apt-get install chromium)")
-    return path
-
-
-def rendered_page(url: str) -> str:
-    """The dashboard's DOM after its scripts ran, as headless chromium renders it."""
-    result = subprocess.run(
-        [browser(), "--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--no-first-run",
-         "--disable-background-networking", "--virtual-time-budget=4000", "--dump-dom", url],
-        capture_output=True, text=True, timeout=120,
-    )
-    assert result.returncode == 0, result.stderr[-2000:]
-    return result.stdout
 
 
 def model_section(page: str, prefix: str) -> str:
