@@ -147,6 +147,7 @@ class Referee:
         if agree(third.answer, answer):
             for peer in second.peers:  # one of them (not known which, in a chain) answered wrong
                 self.view.convict(peer, f"blocks {blocks[0]}:{blocks[1]}: outvoted by {suspect} and {sorted(third.peers)}")
+                report.caught.append(Conviction(peer, *blocks, steps_got_away=0))  # its answer was a check, not used
             return answer
         raise VerificationError(f"three different answers for blocks {blocks[0]}:{blocks[1]}: the output cannot be trusted")
 

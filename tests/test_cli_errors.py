@@ -29,6 +29,9 @@ def test_start_up_mistakes_get_one_line(tiny_llama):
         ("serve", tiny_llama, "--blocks", "0:2"): "give --initial-peers MULTIADDR",
         ("status", "--initial-peers", nowhere): "none of the initial peers answered",
         ("status", "--initial-peers", "/ip4/127.0.0.1/tcp/1"): "is not a DHT node's multiaddr",
+        ("api", tiny_llama): "give --initial-peers MULTIADDR",
+        ("api", tiny_llama, "--initial-peers", "hello", "--port", "0"): "initial peer 'hello' is not a DHT node's multiaddr",
+        ("api", tiny_llama, "--initial-peers", nowhere, "--port", "0"): "none of the initial peers answered",
     }
     started = time.monotonic()
     processes = {
@@ -48,17 +51,19 @@ def test_start_up_mistakes_get_one_line(tiny_llama):
     assert time.monotonic() - started < BOUND
 
 
-def test_monitor_on_a_busy_port_says_so(bootstrap):
+@pytest.mark.parametrize("command", [["monitor"], ["api", "MODEL"]])
+def test_a_server_on_a_busy_port_says_so(bootstrap, tiny_llama, command):
     with socket.socket() as busy:
         busy.bind(("127.0.0.1", 0))
         busy.listen()
         port = busy.getsockname()[1]
+        args = [tiny_llama if arg == "MODEL" else arg for arg in command]
         result = subprocess.run(
-            [sys.executable, "-m", "peer.cli", "monitor", "--initial-peers", bootstrap, "--port", str(port)],
+            [sys.executable, "-m", "peer.cli", *args, "--initial-peers", bootstrap, "--port", str(port)],
             capture_output=True, text=True, timeout=BOUND,
         )
     assert result.returncode != 0 and "Traceback" not in result.stderr
-    assert f"cannot serve the dashboard at 127.0.0.1:{port}: Address already in use" in result.stderr
+    assert f"at 127.0.0.1:{port}: Address already in use; choose another --port" in result.stderr, result.stderr
 
 
 def test_client_initial_peers_mistakes(tiny_llama):

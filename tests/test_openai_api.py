@@ -12,7 +12,7 @@ import pytest
 import torch
 from transformers import AutoTokenizer, LlamaForCausalLM
 
-from peer.local_swarm import spawn_cli, start_peers
+from peer.local_swarm import PeerHandle, spawn_cli, start_peers
 from swarm.checkpoint_maker import save_random_checkpoint, tiny_llama_config
 from swarm.wire import swarm_peer_pb2 as pb
 from swarm.wire import swarm_peer_pb2_grpc as pb_grpc
@@ -242,3 +242,44 @@ def test_the_chat_page_streams_a_reply(swarm):
         assert "route:" in page.wait_for("document.getElementById('stats').textContent")
     finally:
         browser.close()
+
+
+def test_a_liar_on_the_fastest_route_changes_no_answer(tmp_path, bootstrap, monkeypatch):
+    """A liar (wrong by a lot) serves 0:4 in one quick hop: the route the server picks first, over honest chains
+    0:2 + 2:4 and 0:1 + 1:4 whose every answer takes 50 ms more (two more opinions of every block, so that a
+    disagreement has a majority). Every answer, whole or streamed, is still local greedy's; the liar is caught."""
+    path = str(save_random_checkpoint(tmp_path / "lied-to", tiny_llama_config(), seed=23))
+    monkeypatch.setenv("SWARM_TEST_PEER_DELAY", "0.05")
+    honest = start_peers(path, bootstrap, ["0:2", "2:4", "0:1", "1:4"], module="tests.slow_peer")
+    liar = PeerHandle.from_online_line(spawn_cli(
+        "serve", path, "--initial-peers", bootstrap, "--blocks", "0:4", "--announce-period", "5", "--num-threads", "1",
+        module="tests.liar_peer", env={"SWARM_TEST_LIE": "noise:1.0"},
+    ))
+    server, url = start_api(path, bootstrap)
+    try:
+        deadline = time.monotonic() + 60  # until the server's view of the swarm holds all five peers
+        while httpx.get(f"{url}/health", timeout=30).json()["peers"] < 5 and time.monotonic() < deadline:
+            time.sleep(0.5)
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=120)
+        tokenizer, reference = AutoTokenizer.from_pretrained(path), LlamaForCausalLM.from_pretrained(path).eval()
+        ids = tokenizer("Trust me", return_tensors="pt")["input_ids"]
+        with torch.no_grad():
+            output = reference.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=12, do_sample=False)
+        expected = tokenizer.decode(output[0, ids.shape[1] :], skip_special_tokens=True)
+        caught, routes = [], []
+        for _ in range(6):
+            answer = client.completions.create(model="chatty", prompt="Trust me", max_tokens=12, temperature=0)
+            assert answer.choices[0].text == expected
+            caught += [conviction["peer_id"] for conviction in answer.swarm["verification"]["caught"]]
+            routes.append([(hop["peer_id"][:8], hop["blocks"]) for hop in answer.swarm["route"]])
+        assert liar.peer_id in caught, (liar.peer_id, routes)  # convicted whether its own answers or its second opinion were checked
+        stream = client.completions.create(model="chatty", prompt="Trust me", max_tokens=12, temperature=0, stream=True)
+        assert streamed_text(stream)[0] == expected
+    except Exception:
+        print("".join(server.output))
+        raise
+    finally:
+        server.stop()
+        liar.process.stop()
+        for peer in honest:
+            peer.process.stop()

@@ -2,6 +2,7 @@
 
 import asyncio
 import json
+import logging
 from collections.abc import AsyncIterator
 from importlib.resources import files
 
@@ -21,6 +22,8 @@ from client.api.protocol import (
 )
 from client.api.sampling import SamplingParams
 from swarm.errors import MissingBlocksError, SwarmError
+
+logger = logging.getLogger(__name__)
 
 DEFAULT_COMPLETION_TOKENS = 16  # OpenAI's default max_tokens for /v1/completions
 
@@ -101,7 +104,7 @@ def create_app(engine: Engine, model_name: str) -> FastAPI:
         if missing := engine.missing_blocks():
             raise APIError(503, str(MissingBlocksError(model_name, missing)), kind="service_unavailable",
                            code="missing_blocks")
-        runs = [engine.run(generation) for generation in requests]
+        runs = [engine.run(generation, body.stream) for generation in requests]
         if body.stream:
             return await stream(body, requests, runs, responders)
         results = await until_disconnected(request, asyncio.gather(*(last(run) for run in runs)))
@@ -219,6 +222,7 @@ def as_api_error(error: BaseException) -> APIError:
         return APIError(503, str(error), kind="service_unavailable", code="missing_blocks")
     if isinstance(error, SwarmError):
         return APIError(503, str(error), kind="service_unavailable")
+    logger.error("a request failed", exc_info=error)  # our bug, not the caller's: the operator needs the traceback
     return APIError(500, f"internal error: {error!r}", kind="server_error")
 
 

@@ -26,10 +26,13 @@ def api(model_path: str, initial_peers, host: str, port: int, model_name: str | 
     and a chat page at /."""
     if not initial_peers:
         raise click.UsageError("give --initial-peers MULTIADDR: a DHT node of the swarm that serves the model")
+    listener = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
+    listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # a restarted server gets its port back at once
     try:
-        listener = socket.create_server((host, port))
+        listener.bind((host, port))
+        listener.listen(1024)
     except OSError as error:
-        raise click.ClickException(f"cannot listen at {host}:{port}: {error.strerror or error}; "
+        raise click.ClickException(f"cannot serve the API at {host}:{port}: {error.strerror or error}; "
                                    "choose another --port or --host") from None
     from swarm.dht_node import check_initial_peers
 

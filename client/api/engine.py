@@ -79,9 +79,10 @@ class StreamedWrongText(SwarmError):
 
 
 class Generation:
-    """One request's decode loop, run in a worker thread; `emit` hands each Delta to the event loop."""
+    """One request's decode loop, run in a worker thread; `emit` hands each Delta to the event loop (None: the
+    request is not streamed, only its checked result counts)."""
 
-    def __init__(self, model, tokenizer, request: GenerationRequest, cancel: threading.Event, emit: Callable):
+    def __init__(self, model, tokenizer, request: GenerationRequest, cancel: threading.Event, emit: Callable | None):
         self.model, self.tokenizer, self.request = model, tokenizer, request
         self.cancel, self.emit = cancel, emit
         self.sampler = Sampler(request.params, len(request.prompt_ids), model.config.vocab_size)
@@ -134,8 +135,9 @@ class Generation:
                     elif step + 1 == request.max_tokens:
                         choice.finish_reason = "length"
                 choice.text = texts[row].text
-                texts[row].release(final=choice.finish_reason is not None)
-                self._hand_out(row, texts[row].released, choice)
+                if self.emit is not None:
+                    texts[row].release(final=choice.finish_reason is not None)
+                    self._hand_out(row, texts[row].released, choice)
             if self.cancel.is_set() or all(choice.finish_reason for choice in choices):
                 break
             logits = self._forward(session, tokens[:, None], ids.shape[1] - 1)
@@ -201,8 +203,8 @@ class Engine:
     def online_peers(self) -> int:
         return len(self.model.remote.view.peer_spans())
 
-    async def run(self, request: GenerationRequest) -> AsyncIterator[Delta | GenerationResult]:
-        """Deltas as the choices grow, then the checked result. Leaving the iteration early (a client that went
+    async def run(self, request: GenerationRequest, stream: bool) -> AsyncIterator[Delta | GenerationResult]:
+        """Deltas as the choices grow (if `stream`), then the checked result. Leaving the iteration early (a client that went
         away) stops the generation at its next token and closes its session, which frees the peers' cache."""
         loop = asyncio.get_running_loop()
         events: asyncio.Queue = asyncio.Queue()
@@ -213,7 +215,7 @@ class Engine:
 
         def work() -> None:
             try:
-                emit(Generation(self.model, self.tokenizer, request, cancel, emit).run())
+                emit(Generation(self.model, self.tokenizer, request, cancel, emit if stream else None).run())
             except BaseException as error:  # handed to the request's handler, which answers with it
                 emit(error)
 

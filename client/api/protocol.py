@@ -121,7 +121,8 @@ def swarm_extras(result: GenerationResult) -> dict:
         "verification": {
             "checked": report.checked, "checks": report.checks,
             "unchecked_blocks": [list(span) for span in report.unchecked_blocks],
-            "caught": [{"peer_id": c.peer_id, "blocks": [c.start, c.end]} for c in report.caught],
+            "caught": [{"peer_id": caught.peer, "blocks": [caught.start, caught.end],
+                        "steps_got_away": caught.steps_got_away} for caught in report.caught],
         },
     }
 
