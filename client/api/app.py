@@ -26,9 +26,13 @@ from swarm.errors import MissingBlocksError, SwarmError
 logger = logging.getLogger(__name__)
 
 DEFAULT_COMPLETION_TOKENS = 16  # OpenAI's default max_tokens for /v1/completions
+DEFAULT_CHAT_TOKENS = 512
 
 
-def create_app(engine: Engine, model_name: str) -> FastAPI:
+def create_app(engine: Engine, model_name: str, default_chat_tokens: int = DEFAULT_CHAT_TOKENS) -> FastAPI:
+    """`default_chat_tokens`: a chat request's max_tokens when it gives none (capped by the context left). Each
+    session reserves cache on the peers for its whole length, so "up to the context" would let a few requests
+    take a peer's whole pool."""
     app = FastAPI(title="Swarm", summary="OpenAI-compatible API over a swarm of peers", docs_url=None, redoc_url=None)
     chat_page = files("client.api").joinpath("chat.html").read_text()
 
@@ -95,7 +99,7 @@ def create_app(engine: Engine, model_name: str) -> FastAPI:
         top = (body.top_logprobs or 0) if body.logprobs else None
         if body.top_logprobs and not body.logprobs:
             raise APIError(400, "top_logprobs needs logprobs: true", param="top_logprobs")
-        limit = body.max_completion_tokens or body.max_tokens or engine.context_length - len(ids)
+        limit = body.max_completion_tokens or body.max_tokens or min(default_chat_tokens, engine.context_length - len(ids))
         generation = generation_request(engine, body, ids, limit, top)
         return await answer(body, [generation], [Responder(True, model_name, body.logprobs)], request)
 

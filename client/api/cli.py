@@ -18,10 +18,12 @@ import click
               help="A Jinja chat template file, for a tokenizer that has none (or to replace its own).")
 @click.option("--max-concurrent", default=64, show_default=True,
               help="Requests generated at once (each is one inference session); more wait their turn.")
+@click.option("--default-chat-tokens", default=512, show_default=True, help="max_tokens of a chat request that "
+              "gives none (each request reserves peers' cache for its whole length).")
 @click.option("--verify/--no-verify", default=True, show_default=True,
               help="Have other peers recompute each generation's answers (see the README's threat model).")
 def api(model_path: str, initial_peers, host: str, port: int, model_name: str | None, chat_template: str | None,
-        max_concurrent: int, verify: bool) -> None:
+        max_concurrent: int, default_chat_tokens: int, verify: bool) -> None:
     """Serve MODEL_PATH's swarm over OpenAI's API (/v1/completions, /v1/chat/completions, /v1/models, /health)
     and a chat page at /."""
     if not initial_peers:
@@ -50,7 +52,7 @@ def api(model_path: str, initial_peers, host: str, port: int, model_name: str | 
     if chat_template is not None:
         tokenizer.chat_template = Path(chat_template).read_text()
     name = model_name or Path(model_path).resolve().name
-    app = create_app(Engine(model, tokenizer, max_concurrent), name)
+    app = create_app(Engine(model, tokenizer, max_concurrent), name, default_chat_tokens)
     bound_host, bound_port = listener.getsockname()[:2]
     print(f"serving {name} at http://{bound_host}:{bound_port}/v1 (chat page at http://{bound_host}:{bound_port}/)",
           flush=True)
