@@ -15,7 +15,7 @@ class GrowingText:
     token_ids: list[int] = field(default_factory=list)
     text: str = ""
     stopped: bool = False
-    streamed: int = 0  # characters of `text` that can no longer change
+    released_length: int = 0  # characters of `text` that can no longer change
 
     def add(self, token_id: int) -> None:
         if self.stopped:
@@ -28,16 +28,16 @@ class GrowingText:
 
     @property
     def released(self) -> str:
-        return self.text[: self.streamed]
+        return self.text[: self.released_length]
 
     def release(self, final: bool = False) -> None:
         """Moves `released` on to all the text that can no longer change; to all of it when `final`."""
         end = len(self.text)
         if not (final or self.stopped):
             end -= self._possible_stop_start()
-            while end > self.streamed and self.text[end - 1] == INCOMPLETE_CHARACTER:
+            while end > self.released_length and self.text[end - 1] == INCOMPLETE_CHARACTER:
                 end -= 1
-        self.streamed = max(end, self.streamed)
+        self.released_length = max(end, self.released_length)
 
     def _possible_stop_start(self) -> int:
         """How many of the last characters are the beginning of some stop string."""
