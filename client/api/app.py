@@ -26,10 +26,9 @@ from swarm.errors import MissingBlocksError, SwarmError
 logger = logging.getLogger(__name__)
 
 DEFAULT_COMPLETION_TOKENS = 16  # OpenAI's default max_tokens for /v1/completions
-DEFAULT_CHAT_TOKENS = 512
 
 
-def create_app(engine: Engine, model_name: str, default_chat_tokens: int = DEFAULT_CHAT_TOKENS) -> FastAPI:
+def create_app(engine: Engine, model_name: str, default_chat_tokens: int) -> FastAPI:
     """`default_chat_tokens`: a chat request's max_tokens when it gives none (capped by the context left). Each
     session reserves cache on the peers for its whole length, so "up to the context" would let a few requests
     take a peer's whole pool."""

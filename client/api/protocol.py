@@ -152,6 +152,7 @@ class Responder:
         self.id = new_id("chatcmpl" if chat else "cmpl")
         self.created = int(time.time())
         self.object = "chat.completion" if chat else "text_completion"
+        self.chunk_object = "chat.completion.chunk" if chat else "text_completion"
         self.index_offset, self.echo = index_offset, echo
 
     def _envelope(self, object_name: str, choices: list[dict]) -> dict:
@@ -183,22 +184,19 @@ class Responder:
     def opening_chunks(self, n: int) -> list[dict]:
         """Chat streams open with the role; completions with echo open with the prompt."""
         if self.chat:
-            return [self._envelope("chat.completion.chunk", [
+            return [self._envelope(self.chunk_object, [
                 {"index": i + self.index_offset, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
                  "finish_reason": None}]) for i in range(n)]
         if self.echo:
-            return [self._envelope("text_completion", [self._choice(i, self.echo, [], None, True)]) for i in range(n)]
+            return [self._envelope(self.chunk_object, [self._choice(i, self.echo, [], None, True)]) for i in range(n)]
         return []
 
     def delta_chunk(self, delta: Delta) -> dict:
-        object_name = "chat.completion.chunk" if self.chat else "text_completion"
-        return self._envelope(object_name, [self._choice(delta.index, delta.text, delta.logprobs, None, True)])
+        return self._envelope(self.chunk_object, [self._choice(delta.index, delta.text, delta.logprobs, None, True)])
 
     def finish_chunks(self, result: GenerationResult) -> list[dict]:
-        object_name = "chat.completion.chunk" if self.chat else "text_completion"
-        return [self._envelope(object_name, [self._choice(index, "", [], choice.finish_reason, True)])
+        return [self._envelope(self.chunk_object, [self._choice(index, "", [], choice.finish_reason, True)])
                 for index, choice in enumerate(result.choices)]
 
     def usage_chunk(self, usage_fields: dict, extras: dict) -> dict:
-        object_name = "chat.completion.chunk" if self.chat else "text_completion"
-        return {**self._envelope(object_name, []), "usage": usage_fields, "swarm": extras}
+        return {**self._envelope(self.chunk_object, []), "usage": usage_fields, "swarm": extras}
