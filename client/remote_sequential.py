@@ -75,11 +75,11 @@ class RemoteSequential(nn.Module):
 
     def referee(self, start: int, end: int, exclude: frozenset[str]) -> "RemoteSequential":
         """Blocks [start, end) on peers outside `exclude` (and this module's own exclusions), unchecked: what a
-        second opinion is computed with. Its chain has the fewest hops it can (the inference router's choice), so
-        that peers are left over for a third opinion."""
+        second opinion is computed with. Its chain is the fastest one that leaves peers over for a third opinion
+        (SwarmView.chain's "referee")."""
         return RemoteSequential(
             self.model_prefix, self.view.num_blocks, self.config, self.view, start, end, self.exclude | exclude, False,
-            "inference",
+            "referee",
         )
 
     def opinions(

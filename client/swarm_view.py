@@ -15,7 +15,7 @@ from swarm.constants import PROTOCOL_VERSION, SPAN_MOVED_STATUS
 from swarm.dht_node import InitialPeersError, swarm_dht
 from swarm.dht_records import PeerSpan, fetch_peer_spans
 from swarm.errors import MissingBlocksError, RemoteError
-from swarm.routing import Hop, lowest_cost_chain, spread_chain, with_cache_room
+from swarm.routing import Hop, chain_leaving_another, lowest_cost_chain, spread_chain, with_cache_room
 from swarm.wire import swarm_peer_pb2 as pb
 
 logger = logging.getLogger(__name__)
@@ -144,7 +144,8 @@ class SwarmView:
     ) -> list[Hop]:
         """A chain over blocks [start, end): for "inference" the lowest expected latency per step (measured round
         trips plus announced compute speed, a penalty per hop) over peers with `cache_tokens` of cache free, if
-        those cover the blocks; for "training" a throughput-weighted random draw that spreads forward/backward
+        those cover the blocks; for "referee" (a second opinion, no cache) the same among chains that leave another
+        chain over the blocks for a third opinion; for "training" a throughput-weighted random draw that spreads forward/backward
         load over replicas. Never through the peers in `exclude`. Looks again at the DHT before declaring blocks
         missing."""
         end = self.num_blocks if end is None else end
@@ -163,8 +164,11 @@ class SwarmView:
             spans = [span for span in spans if self.config.active_adapter in span.record.adapters]
         if purpose == "training":
             return spread_chain(spans, start, end, self._rng, self.model_prefix)
-        spans = with_cache_room(spans, start, end, cache_tokens)
-        chain = lowest_cost_chain(spans, start, end, self._step_cost, self.model_prefix)
+        if purpose == "referee":
+            chain = chain_leaving_another(spans, start, end, self._step_cost, self.model_prefix)
+        else:
+            spans = with_cache_room(spans, start, end, cache_tokens)
+            chain = lowest_cost_chain(spans, start, end, self._step_cost, self.model_prefix)
         route = " -> ".join(
             f"{hop.peer.record.public_name or hop.peer.peer_id[:10]}@{_where(hop.peer)}[{hop.start}:{hop.end})"
             for hop in chain

@@ -84,6 +84,30 @@ def lowest_cost_chain(
     raise MissingBlocksError(model_prefix, [end - 1])  # unreachable when there are no gaps
 
 
+def chain_leaving_another(
+    spans: list[PeerSpan], start: int, end: int, hop_cost: Callable[[PeerSpan, int, int], float], model_prefix: str = ""
+) -> list[Hop]:
+    """The lowest-cost chain over [start, end) among those whose peers, all left out, leave the blocks still covered
+    by the other peers: a second opinion chosen so that a third one can still break a tie. Tries the lowest-cost
+    chain, then that chain again with each of its peers left out in turn (so a chain mixing two disjoint chains is
+    replaced by one of them); when none of these leaves another chain, the lowest-cost chain."""
+    first = lowest_cost_chain(spans, start, end, hop_cost, model_prefix)
+    candidates = [first]
+    for left_out in dict.fromkeys(hop.peer.peer_id for hop in first):
+        others = [span for span in spans if span.peer_id != left_out]
+        if not missing_blocks(others, start, end):
+            candidates.append(lowest_cost_chain(others, start, end, hop_cost, model_prefix))
+
+    def leaves_another(chain: list[Hop]) -> bool:
+        used = {hop.peer.peer_id for hop in chain}
+        return not missing_blocks([span for span in spans if span.peer_id not in used], start, end)
+
+    def cost(chain: list[Hop]) -> float:
+        return sum(hop_cost(hop.peer, hop.start, hop.end) for hop in chain)
+
+    return min((chain for chain in candidates if leaves_another(chain)), key=cost, default=first)
+
+
 def spread_chain(spans: list[PeerSpan], start: int, end: int, rng: random.Random, model_prefix: str = "") -> list[Hop]:
     """A chain for forward/backward that spreads load: at each position, a peer covering it is drawn with
     probability proportional to its throughput, and used as far as it reaches."""

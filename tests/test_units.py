@@ -11,7 +11,7 @@ from peer.memory_pool import CacheExhaustedError, CachePool
 from swarm import huge_pages, tensors
 from swarm.dht_records import PeerSpan, ServerRecord, ServerState
 from swarm.errors import MissingBlocksError
-from swarm.routing import fewest_hops_chain, lowest_cost_chain, spread_chain, with_cache_room
+from swarm.routing import chain_leaving_another, fewest_hops_chain, lowest_cost_chain, spread_chain, with_cache_room
 
 
 def span(peer_id: str, start: int, end: int, cache: int = 100) -> PeerSpan:
@@ -168,6 +168,17 @@ def test_lowest_cost_chain_avoids_slow_peers_and_extra_hops():
         ("slow", 0, 2), ("fast-b", 2, 4)]
     with pytest.raises(MissingBlocksError):
         lowest_cost_chain([span("a", 0, 1)], 0, 2, cost)
+
+
+def test_a_second_opinion_leaves_peers_for_a_third():
+    # Two disjoint chains, a-b and d-c; the fastest mix of them (a then c) would leave no chain for a third opinion.
+    spans = [span("a", 0, 2), span("b", 2, 4), span("d", 0, 1), span("c", 1, 4)]
+    delay = {"a": 1.0, "b": 3.0, "d": 2.0, "c": 1.0}
+    cost = lambda peer, start, end: delay[peer.peer_id]  # noqa: E731
+    assert [hop.peer.peer_id for hop in lowest_cost_chain(spans, 0, 4, cost)] == ["a", "c"]
+    assert [hop.peer.peer_id for hop in chain_leaving_another(spans, 0, 4, cost)] == ["d", "c"]  # 3 beats a-b's 4
+    # Where no chain leaves another, the fastest one is still the answer.
+    assert [hop.peer.peer_id for hop in chain_leaving_another(spans[:3], 0, 4, cost)] == ["a", "b"]
 
 
 def test_spread_chain_uses_replicas_by_throughput():
