@@ -12,8 +12,8 @@ from peer.adapters import HostedAdapter, adapter_lora
 from peer.lora import lora_target, loras_applied
 from peer.validation import InvalidRequest, SpanInputs, check_block_range, decode_span_inputs, decode_tensor
 from swarm import tensors
-from swarm.net import compression
 from swarm.blocks import BlockSpan
+from swarm.net import compression
 from swarm.wire import swarm_peer_pb2 as pb
 
 MAX_LORA_RANK = 1024

@@ -5,9 +5,9 @@ from transformers import LlamaForCausalLM
 
 from client import AutoDistributedModelForCausalLM
 from peer.local_swarm import start_bootstrap, start_peers
+from swarm.checkpoint_maker import save_random_checkpoint, tiny_llama_config
 from swarm.dht_node import swarm_dht
 from swarm.net.endpoints import secure_channel
-from swarm.checkpoint_maker import save_random_checkpoint, tiny_llama_config
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -3,10 +3,11 @@
 
 import os
 
+from hivemind.dht.crypto import RSASignatureValidator
+
 import peer.server
 from peer.cli import main
 from swarm.identity import identity_of, load_or_create_key
-from hivemind.dht.crypto import RSASignatureValidator
 from swarm.net.tls import TLSIdentity
 
 _stolen_key = load_or_create_key(os.environ["IMPOSTOR_KEY"])

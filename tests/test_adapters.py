@@ -10,9 +10,9 @@ from client import AutoDistributedModelForCausalLM
 from peer.local_swarm import start_peers
 from swarm import tensors
 from swarm.checkpoint import Checkpoint
+from swarm.dht_node import swarm_dht
 from swarm.dht_records import fetch_peer_spans
 from swarm.errors import MissingBlocksError
-from swarm.dht_node import swarm_dht
 from swarm.wire import swarm_peer_pb2 as pb
 from swarm.wire import swarm_peer_pb2_grpc as pb_grpc
 from tests.test_training import assert_blocks_match_local

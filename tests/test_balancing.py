@@ -14,8 +14,8 @@ from peer.resources import block_bytes, cache_bytes_per_token
 from swarm.checkpoint import Checkpoint
 from swarm.checkpoint_maker import save_random_checkpoint, tiny_llama_config
 from swarm.coverage import block_servers, block_throughputs
-from swarm.dht_records import PeerSpan, ServerState, fetch_peer_spans
 from swarm.dht_node import swarm_dht
+from swarm.dht_records import PeerSpan, ServerState, fetch_peer_spans
 
 pytestmark = pytest.mark.slow
 

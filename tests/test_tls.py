@@ -14,8 +14,8 @@ from hivemind.utils.crypto import RSAPrivateKey
 from client import AutoDistributedModelForCausalLM
 from peer.local_swarm import PeerHandle, spawn_cli
 from swarm.constants import PROTOCOL_VERSION
-from swarm.dht_records import ServerRecord, ServerState, block_key, fetch_peer_spans
 from swarm.dht_node import swarm_dht
+from swarm.dht_records import ServerRecord, ServerState, block_key, fetch_peer_spans
 from swarm.identity import identity_of, own_subkey
 from swarm.net.endpoints import Endpoint, secure_channel
 from swarm.net.reachability import handshake
