@@ -145,8 +145,8 @@ class SwarmView:
         """A chain over blocks [start, end): for "inference" the lowest expected latency per step (measured round
         trips plus announced compute speed, a penalty per hop) over peers with `cache_tokens` of cache free, if
         those cover the blocks; for "referee" (a second opinion, no cache) the same among chains that leave another
-        chain over the blocks for a third opinion; for "training" a throughput-weighted random draw that spreads forward/backward
-        load over replicas. Never through the peers in `exclude`. Looks again at the DHT before declaring blocks
+        chain over the blocks for a third opinion; for "training" a throughput-weighted random draw that spreads
+        forward/backward load over replicas. Never through the peers in `exclude`. Looks again at the DHT before declaring blocks
         missing."""
         end = self.num_blocks if end is None else end
         try:
