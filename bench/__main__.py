@@ -44,15 +44,18 @@ def main() -> None:
         args.hidden, args.layers, args.vocab, args.repeats = 256, 4, 1024, 2
         args.new_tokens, args.sessions, args.concurrent_tokens, args.hop_steps = 16, [1, 4], 8, 100
     wanted = set(args.only.split(","))
-    results = run(args, wanted)
-    print(table(results))
-    save_json(results, args.json)
+    peer_settings: list[str] = []
+    results = run(args, wanted, peer_settings)
+    print(table(results, peer_settings))
+    save_json(results, args.json, peer_settings)
     print(f"\nwritten to {args.json}")
 
 
-def run(args: argparse.Namespace, wanted: set[str]) -> list[Result]:
+def run(args: argparse.Namespace, wanted: set[str], peer_settings: list[str]) -> list[Result]:
+    """The benchmarks in `wanted`; what each peer chose when it started goes to `peer_settings`."""
     results: list[Result] = []
     with tempfile.TemporaryDirectory() as folder:
+        os.environ["SWARM_CACHE_DIR"] = os.path.join(folder, "cache")  # peers inherit it: calibrated afresh
         save_random_checkpoint(folder, model_config(args))
         local = LlamaForCausalLM.from_pretrained(folder).eval()
         params = sum(parameter.numel() for parameter in local.parameters()) / 1e6
@@ -60,17 +63,22 @@ def run(args: argparse.Namespace, wanted: set[str]) -> list[Result]:
               f"vocab {args.vocab}), fp32; peers and client on this machine, loopback", flush=True)
         node, bootstrap = start_bootstrap()
         try:
-            # Peers use every core for passes of many tokens (prefill, training) and one for decode steps (see
-            # peer/threads.py): the two peers and the client share the machine's cores.
+            # Peers may use every core; each measures at its first start (in a cache of this run's own) from which
+            # pass size a second thread pays (peer/calibration.py).
             if wanted & {"decode", "startup", "prefill", "training"}:
-                with _peers(folder, bootstrap, halves(args.layers), CORES) as started:
+                with _peers(folder, bootstrap, halves(args.layers), CORES, peer_settings) as started:
                     if "decode" in wanted:
                         results.extend(map(_logged, single_session_decode(args, folder, local, bootstrap)))
                     if "startup" in wanted:
                         results.append(_logged(Result(
-                            "peer start-up to online", "s", started, higher_is_better=False,
-                            detail=f"load {args.layers // 2} blocks, measure throughput, announce",
+                            "peer start-up to online, first start", "s", started, higher_is_better=False,
+                            detail=f"2 peers together: load {args.layers // 2} blocks, calibrate, announce",
                         )))
+                        with _peers(folder, bootstrap, halves(args.layers)[:1], CORES, []) as restarted:
+                            results.append(_logged(Result(
+                                "peer start-up to online, restart", "s", restarted, higher_is_better=False,
+                                detail="the same setting again: calibration cached",
+                            )))
                         results.append(_logged(Result(
                             "client time to first token", "s", client_first_token(folder, bootstrap),
                             higher_is_better=False, detail="from_pretrained + route + 1 token",
@@ -80,7 +88,7 @@ def run(args: argparse.Namespace, wanted: set[str]) -> list[Result]:
                     if "training" in wanted:
                         results.append(_logged(forward_backward(args, folder, local, bootstrap)))
             if "concurrent" in wanted:
-                with _peers(folder, bootstrap, [f"0:{args.layers}"], CORES):
+                with _peers(folder, bootstrap, [f"0:{args.layers}"], CORES, peer_settings):
                     results.extend(map(_logged, concurrent_decode(args, folder, local, bootstrap)))
             if "overhead" in wanted:
                 results.append(_logged(hop_overhead(bootstrap, args.hop_steps)))
@@ -90,15 +98,21 @@ def run(args: argparse.Namespace, wanted: set[str]) -> list[Result]:
 
 
 class _peers:
-    """Peers for the spans, started together; entering gives the seconds until the last was online."""
+    """Peers for the spans, started together; entering gives the seconds until the last was online, and adds what
+    each chose to `settings`."""
 
-    def __init__(self, folder: str, bootstrap: str, spans: list[str], threads: int):
+    def __init__(self, folder: str, bootstrap: str, spans: list[str], threads: int, settings: list[str]):
         self.arguments = (folder, bootstrap, spans, "--num-threads", str(threads))
+        self.spans, self.settings = spans, settings
 
     def __enter__(self) -> float:
         started = time.perf_counter()
         self.handles = start_peers(*self.arguments)
-        return time.perf_counter() - started
+        seconds = time.perf_counter() - started
+        for span, handle in zip(self.spans, self.handles):
+            self.settings.append(f"{span}: {handle.compute}")
+            print(f"  peer {span} chose: {handle.compute}", flush=True)
+        return seconds
 
     def __exit__(self, *exc_info) -> None:
         for handle in self.handles:

@@ -1,11 +1,12 @@
 """One row of the benchmark table, and how the suite prints and saves them."""
 
 import json
-import platform
 from dataclasses import asdict, dataclass
 from datetime import date
 
 import torch
+
+from peer.calibration import cpu_description
 
 
 @dataclass
@@ -26,14 +27,14 @@ class Result:
 
 
 def machine() -> str:
-    cores = torch.get_num_threads()
-    return f"{platform.machine()} {platform.processor() or ''} {cores} threads, torch {torch.__version__}".replace("  ", " ")
+    return f"{cpu_description()}, torch {torch.__version__}"
 
 
-def table(results: list[Result]) -> str:
-    lines = [
-        f"Swarm benchmarks, {date.today().isoformat()}, {machine()}",
-        "",
+def table(results: list[Result], peer_settings: list[str] = ()) -> str:
+    """The markdown table; `peer_settings`: what each benchmark peer chose when it started."""
+    lines = [f"Swarm benchmarks, {date.today().isoformat()}, {machine()}", ""]
+    lines += [f"- peer {setting}" for setting in peer_settings] + ([""] if peer_settings else [])
+    lines += [
         "| metric | swarm | local transformers | ratio | |",
         "|---|---:|---:|---:|---|",
     ]
@@ -44,7 +45,8 @@ def table(results: list[Result]) -> str:
     return "\n".join(lines)
 
 
-def save_json(results: list[Result], path: str) -> None:
+def save_json(results: list[Result], path: str, peer_settings: list[str] = ()) -> None:
     rows = [dict(asdict(result), ratio=result.ratio) for result in results]
+    summary = {"date": date.today().isoformat(), "machine": machine(), "peer_settings": list(peer_settings), "results": rows}
     with open(path, "w") as file:
-        json.dump({"date": date.today().isoformat(), "machine": machine(), "results": rows}, file, indent=2)
+        json.dump(summary, file, indent=2)

@@ -8,13 +8,15 @@ import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
-from peft import LoraConfig, PeftConfig
-from peft.utils import load_peft_weights
 
 from peer.lora import lora_target
 from swarm.blocks import BlockSpan
+
+if TYPE_CHECKING:
+    from peft import LoraConfig
 
 _LORA_KEY = re.compile(r"^base_model\.model\.(?P<module>.+)\.(?P<kind>lora_A|lora_B)\.weight$")
 
@@ -42,6 +44,9 @@ def parse_adapter_option(option: str) -> tuple[str, Path]:
 
 def load_adapter(name: str, path: Path, span: BlockSpan, layers_prefix: str, dtype: torch.dtype) -> HostedAdapter:
     """The adapter's factors for the span's blocks, checked against its linears."""
+    from peft import LoraConfig, PeftConfig  # here: importing peft costs a peer without adapters 1.5 s of start-up
+    from peft.utils import load_peft_weights
+
     try:
         config = PeftConfig.from_pretrained(str(path))
         weights = load_peft_weights(str(path), device="cpu")
@@ -74,7 +79,7 @@ def load_adapter(name: str, path: Path, span: BlockSpan, layers_prefix: str, dty
     return HostedAdapter(name, factors)
 
 
-def _scaling(config: LoraConfig, target: str, rank: int) -> float:
+def _scaling(config: "LoraConfig", target: str, rank: int) -> float:
     """peft's scaling of one module: lora_alpha (or its alpha_pattern entry) over rank (or sqrt(rank), rsLoRA)."""
     module_path = target.partition(".")[2]
     alpha = next(

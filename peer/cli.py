@@ -88,8 +88,10 @@ _PEER_OPTIONS = [
     click.option("--max-message-mb", default=DEFAULT_MAX_MESSAGE_BYTES // 2**20, show_default=True),
     click.option("--public-name", default="", help="A name shown to others in the swarm's status."),
     click.option("--num-threads", type=int, help="CPU threads of a large pass: prefill, batched decoding, training "
-                 "(default: torch's, one per core; a pass of a few tokens runs on one). Peers that share a machine and "
-                 "compute at the same time run faster with the cores split between them."),
+                 "(default: torch's, one per core). Peers that share a machine and compute at the same time run faster "
+                 "with the cores split between them."),
+    click.option("--parallel-min-rows", type=click.IntRange(min=1), help="Passes of fewer token rows than this run on "
+                 "one thread (default: measured on this machine at the first start, and cached)."),
     click.option("--balance-period", default=120.0, show_default=True,
                  help="Mean seconds between checks whether other blocks need this peer more (not with --blocks)."),
     click.option("--bandwidth", "bandwidth_mbps", default=DEFAULT_BANDWIDTH_MBPS, show_default=True,
@@ -108,7 +110,7 @@ def peer_options(command):
 
 def run_peer(model_path: str, blocks, num_blocks: int | None, device: str, dtype: str, initial_peers, new_swarm: bool,
              host, port, dht_port, announce_host, announce_port, relay, relay_port, cache_tokens, announce_period, session_timeout,
-             max_message_mb, public_name, num_threads, balance_period, bandwidth_mbps, identity_path, adapters) -> None:
+             max_message_mb, public_name, num_threads, parallel_min_rows, balance_period, bandwidth_mbps, identity_path, adapters) -> None:
     """Runs a peer until SIGINT/SIGTERM."""
     if not initial_peers and not new_swarm:
         raise click.UsageError("give --initial-peers MULTIADDR (a line `swarm-peer bootstrap` printed) to join a "
@@ -133,6 +135,7 @@ def run_peer(model_path: str, blocks, num_blocks: int | None, device: str, dtype
         announce_period=announce_period, session_idle_timeout=session_timeout,
         max_message_bytes=max_message_mb * 2**20, public_name=public_name, balance_period=balance_period,
         bandwidth_mbps=bandwidth_mbps, identity_path=identity_path, adapters=tuple(adapters), num_threads=num_threads,
+        parallel_min_rows=parallel_min_rows,
     )
     try:
         peer = Peer(config)

@@ -99,7 +99,7 @@ def start_bootstrap(*args: str, launcher: Callable[[list[str]], list[str]] | Non
     return node, address
 
 
-ONLINE_LINE = r"peer (\S+) online: blocks (\d+):\d+ of (\S+) .* (?:at|via relay) (\S+), (\w+),"
+ONLINE_LINE = r"peer (\S+) online: blocks (\d+):\d+ of (\S+) \(([^)]*)\) (?:at|via relay) (\S+), (\w+),"
 
 
 @dataclass
@@ -110,12 +110,13 @@ class PeerHandle:
     model_prefix: str = ""
     start_block: int = 0
     reachability: str = "local"
+    compute: str = ""  # dtype, throughput and thread plan, as the peer announced them when it came online
 
     @classmethod
     def from_online_line(cls, process: SwarmProcess, timeout: float = START_TIMEOUT) -> "PeerHandle":
         match = process.wait_for_line(ONLINE_LINE, timeout)
-        peer_id, start, prefix, address, reachability = match.groups()
-        return cls(process, peer_id, address, prefix, int(start), reachability)
+        peer_id, start, prefix, compute, address, reachability = match.groups()
+        return cls(process, peer_id, address, prefix, int(start), reachability, compute)
 
     def endpoint(self, dht) -> Endpoint:
         """Where and who the peer is, as its signed record in the DHT says (for raw channels in tests and benches)."""

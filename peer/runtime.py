@@ -23,7 +23,7 @@ import torch
 from peer.batching import pass_key, run_pass
 from peer.kv_pages import PagedKV
 from peer.sessions import StepWork
-from peer.threads import threads_for, use_threads
+from peer.threads import ThreadPlan, use_threads
 from swarm.blocks import BlockSpan
 
 PREFILL_CHUNK = 256  # tokens of one step run per round; decode steps of other sessions go in between
@@ -57,11 +57,14 @@ class _Job:
 
 
 class ComputeRuntime:
-    """`threads`: the CPU threads a large pass may use (default: torch's setting when the runtime is made)."""
+    """`plan`: the CPU threads each pass computes on (default: torch's setting for every pass); `on_pass` hears the
+    rows and seconds of every inference pass (the served-speed figure follows them)."""
 
-    def __init__(self, span: BlockSpan, kv: PagedKV, threads: int | None = None, name: str = "swarm-compute"):
+    def __init__(self, span: BlockSpan, kv: PagedKV, plan: ThreadPlan | None = None,
+                 on_pass: Callable[[int, float], None] | None = None, name: str = "swarm-compute"):
         self.span, self.kv = span, kv
-        self.threads = threads or torch.get_num_threads()
+        self.plan = plan or ThreadPlan(torch.get_num_threads())
+        self._on_pass = on_pass
         self.largest_pass = 0  # most sessions seen in one batched pass, reported by Info
         self._awaited: set = set()  # sessions answered in the last round that have not sent their next step yet
         self._last_pass_seconds = 0.0
@@ -172,11 +175,14 @@ class ComputeRuntime:
         for key in sorted(groups, key=lambda key: key[-1]):  # decode steps (fewest tokens) first
             for batch in _limit_rows(groups[key]):
                 self.largest_pass = max(self.largest_pass, len(batch))
-                use_threads(threads_for(sum(work.session.batch_size for work, _ in batch) * key[-1], self.threads))
+                rows = sum(work.session.batch_size for work, _ in batch) * key[-1]
+                use_threads(self.plan.threads_for(rows))
                 started = time.perf_counter()
                 try:
                     run_pass(self.span, self.kv, [work for work, _ in batch], key[-1])
                     self._last_pass_seconds = time.perf_counter() - started
+                    if self._on_pass is not None:
+                        self._on_pass(rows, self._last_pass_seconds)
                 except Exception as error:  # the sessions' caches may be half-written: each handler closes its session
                     _resolve_all([(waiter, None, error) for _, waiter in batch])
                     continue
@@ -202,7 +208,7 @@ class ComputeRuntime:
         return jobs
 
     def _run_jobs(self, jobs: list[_Job]) -> None:
-        use_threads(self.threads)
+        use_threads(self.plan.budget)
         try:
             results, error = jobs[0].function(self.span, [job.item for job in jobs]), None
         except Exception as exception:  # handed to the waiting handlers, which decide what the clients see

@@ -1,6 +1,7 @@
 """A running peer: loads its span, serves gRPC, announces itself, shuts down cleanly on SIGINT/SIGTERM."""
 
 import asyncio
+import functools
 import logging
 import random
 import signal
@@ -16,6 +17,7 @@ from hivemind.utils.crypto import RSAPrivateKey
 from peer.adapters import AdapterError, HostedAdapter, load_adapter, parse_adapter_option
 from peer.announcer import Announcer
 from peer.block_selection import DEFAULT_MARGIN, better_start, choose_start, planned_spans
+from peer.calibration import Calibration, CalibrationCache, calibrate, machine_fingerprint
 from peer.directory import PeerDirectory
 from peer.handler import SwarmPeerServicer
 from peer.kv_pages import PAGE_SIZE, PagedKV
@@ -23,7 +25,7 @@ from peer.memory_pool import CachePool
 from peer.network import HelperServices, NetworkOptions, plan_network, wait_registered
 from peer.pings import ping_successors
 from peer.runtime import ComputeRuntime
-from peer.throughput import ThroughputCache, measure_throughput, network_throughput
+from peer.throughput import ServedSpeed, network_throughput
 from swarm.blocks import BlockSpan
 from swarm.checkpoint import Checkpoint
 from swarm.constants import DEFAULT_BANDWIDTH_MBPS, PROTOCOL_VERSION
@@ -61,6 +63,7 @@ class PeerConfig:
     identity_path: str | None = None  # private key file: the same identity across restarts
     adapters: tuple[str, ...] = ()  # peft LoRA adapter folders to host, "PATH" or "NAME=PATH"
     num_threads: int | None = None  # CPU threads of a large pass (default: torch's, one per core)
+    parallel_min_rows: int | None = None  # smaller passes run on one thread (default: measured)
 
 
 def resolve_dtype(name: str, checkpoint: Checkpoint) -> torch.dtype:
@@ -82,9 +85,10 @@ class Peer:
         if config.blocks is not None and config.blocks[1] > self.num_model_blocks:
             raise ValueError(f"--blocks {config.blocks[0]}:{config.blocks[1]} is outside the model's 0:{self.num_model_blocks}")
         self.state = ServerState.JOINING
-        self.throughput = 0.0
+        self.calibration: Calibration | None = None
+        self.speed: ServedSpeed | None = None  # of the span being served
         self.network_throughput = network_throughput(config.bandwidth_mbps, self.checkpoint.config.hidden_size, self.dtype)
-        self.throughputs = ThroughputCache()
+        self.calibrations = CalibrationCache()
         self.next_pings: dict[str, float] = {}
         self.moving_to: int | None = None
         self.started_at = get_dht_time()
@@ -132,7 +136,7 @@ class Peer:
             print(note, flush=True)
         self.dht = self.network.dht
         self.start, self.end = config.blocks or await loop.run_in_executor(None, self._choose_blocks)
-        self.throughput = self.throughputs.get(self._throughput_key()) or 0.0  # known before loading if measured once
+        self.calibration = self.calibrations.get(self._calibration_key())  # known before loading if measured once
         self.helpers = HelperServices() if self.network.helps_others else None
         self.announcer = Announcer(
             self.dht, own_subkey(validator), self.model_prefix, self._model_info(), self._record,
@@ -176,7 +180,7 @@ class Peer:
         where = f"via relay {self.network.relay}" if self.network.relay else f"at {self.address}"
         print(
             f"peer {self.identity} online: blocks {self.start}:{self.end} of {self.model_prefix} "
-            f"({DTYPE_NAMES[self.dtype]}, {self.throughput:.0f} tokens/s) {where}, "
+            f"({DTYPE_NAMES[self.dtype]}, {self.throughput:.0f} tokens/s, {self.calibration.plan.describe()}) {where}, "
             f"{self.network.reachability}, ready in {time.perf_counter() - started:.1f}s",
             flush=True,
         )
@@ -217,29 +221,37 @@ class Peer:
         return self.helpers.record(self.identity, self.address, self.tls.certificate).to_dict()
 
     async def _load(self, start: int) -> BlockSpan:
-        """Loads blocks [start, start + span length) and measures them unless this setting was measured before."""
+        """Loads blocks [start, start + span length) and calibrates them unless this setting was measured before."""
         loop = asyncio.get_running_loop()
         end = start + self.end - self.start
         config = self.config
         span = await loop.run_in_executor(None, BlockSpan.from_checkpoint, self.checkpoint, start, end, self.dtype, config.device)
-        key = self._throughput_key()
-        throughput = self.throughputs.get(key)
-        if throughput is None:
-            throughput = await loop.run_in_executor(None, measure_throughput, span, self.dtype, self.threads)
-            self.throughputs.put(key, throughput)
-        self.throughput = throughput
+        measure = functools.partial(calibrate, span, self.dtype, self.threads, config.parallel_min_rows)
+        self.calibration = await loop.run_in_executor(None, self.calibrations.get_or_measure, self._calibration_key(), measure)
         return span
+
+    @property
+    def throughput(self) -> float:
+        """What this peer computes: as served lately, else as calibrated, else unknown yet (0)."""
+        if self.speed is not None:
+            return self.speed.throughput
+        return self.calibration.throughput if self.calibration is not None else 0.0
 
     def _load_adapters(self, span: BlockSpan) -> dict[str, HostedAdapter]:
         layers_prefix = family_for(self.checkpoint.config).layers_prefix
         return {name: load_adapter(name, path, span, layers_prefix, self.dtype) for name, path in self.adapter_paths.items()}
 
     def _new_runtime(self, span: BlockSpan) -> ComputeRuntime:
+        """A runtime for `span` (just loaded: `self.calibration` is its own), its speed followed from now on."""
         num_pages = -(-self.config.cache_tokens // PAGE_SIZE)
-        return ComputeRuntime(span, PagedKV(span.end - span.start, num_pages, PAGE_SIZE), self.threads)
+        self.speed = ServedSpeed(self.calibration)
+        kv = PagedKV(span.end - span.start, num_pages, PAGE_SIZE)
+        return ComputeRuntime(span, kv, self.calibration.plan, on_pass=self.speed.record)
 
-    def _throughput_key(self) -> str:
-        return ThroughputCache.key(self.model_prefix, self.end - self.start, self.config.device, self.dtype, self.threads)
+    def _calibration_key(self) -> str:
+        rows = self.config.parallel_min_rows or "measured"
+        return (f"{self.model_prefix} blocks={self.end - self.start} {self.config.device} {self.dtype} "
+                f"threads={self.threads} parallel_min_rows={rows} | {machine_fingerprint(self.config.device)}")
 
     def _record(self) -> ServerRecord:
         return ServerRecord(

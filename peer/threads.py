@@ -1,16 +1,29 @@
 """How many CPU threads a pass computes on: the peer's budget for passes with enough rows, one for small ones."""
 
+from dataclasses import dataclass
+
 import torch
 
-# Passes with fewer token rows (batch rows x new tokens) than this run on one thread. Their matmuls are bound by
-# memory, not arithmetic: a second thread gains nothing (4-block span of the 118M benchmark model: 1 and 4 rows
-# 1.0x, 8 rows 1.34x, 16 rows 1.5x with 2 threads), and the OpenMP worker would then spin after every operation on
-# a core that co-located peers and clients need.
-PARALLEL_MIN_ROWS = 8
 
+@dataclass(frozen=True)
+class ThreadPlan:
+    """`budget` threads for passes of at least `parallel_min_rows` token rows (batch rows x new tokens), one thread
+    for smaller ones. Small passes are bound by memory, not arithmetic: on some machines a second thread gains
+    nothing there and its OpenMP worker only spins on a core that co-located peers and clients need, on others it
+    is 1.6x faster. Which holds is measured on the machine (peer/calibration.py), not assumed."""
 
-def threads_for(rows: int, budget: int) -> int:
-    return budget if rows >= PARALLEL_MIN_ROWS else 1
+    budget: int
+    parallel_min_rows: int = 1
+
+    def threads_for(self, rows: int) -> int:
+        return self.budget if rows >= self.parallel_min_rows else 1
+
+    def describe(self) -> str:
+        if self.budget == 1:
+            return "1 thread"
+        if self.parallel_min_rows <= 1:
+            return f"{self.budget} threads"
+        return f"{self.budget} threads from {self.parallel_min_rows} rows, 1 below"
 
 
 def use_threads(count: int) -> None:

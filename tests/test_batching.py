@@ -10,6 +10,7 @@ from peer.batching import run_pass
 from peer.kv_pages import PagedKV
 from peer.runtime import ComputeRuntime
 from peer.sessions import InferenceSessionState, StepWork
+from peer.threads import ThreadPlan
 from swarm.blocks import BlockSpan
 from swarm.checkpoint import Checkpoint
 from swarm.wire import swarm_peer_pb2 as pb
@@ -130,14 +131,14 @@ def test_runtime_runs_a_lone_session_inline_and_batches_sessions_on_its_thread(t
 
 
 def test_runtime_computes_small_passes_on_one_thread_and_large_ones_on_its_budget(tiny_llama, reference):
-    """A decode step of one row runs on one thread; a prefill and a step of 8 rows on the runtime's budget, set on
+    """A decode step of one row runs on one thread; a prefill and a step of 8 rows on the plan's budget, set on
     whichever thread computes (OpenMP keeps the setting per thread): the caller's (inline) or the runtime's."""
     span = BlockSpan.from_checkpoint(Checkpoint(tiny_llama), 0, 4, torch.float32)
     threads_seen: list[int] = []
     span.register_forward_hook(lambda *_: threads_seen.append(torch.get_num_threads()))
     embed = reference.get_input_embeddings()
     scenario = Scenario(reference, PagedKV(4, num_pages=64, page_size=PAGE_SIZE))
-    runtime = ComputeRuntime(span, scenario.kv, threads=3)
+    runtime = ComputeRuntime(span, scenario.kv, ThreadPlan(3, parallel_min_rows=8))
 
     async def drive() -> None:
         lone = scenario.open("lone", 1, 16)
