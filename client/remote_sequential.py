@@ -211,8 +211,9 @@ class _RemoteHop(torch.autograd.Function):
         request.adapter = remote.config.active_adapter
         lora = {name: tuple(lora_tensors[2 * index : 2 * index + 2]) for index, name in enumerate(lora_names)}
         add_lora(request, hop, lora, lora_scaling, dtype)
+        request.keep_activations = any(ctx.needs_input_grad)  # the peer keeps the graph for our Backward
         response, ctx.hop = remote.call(hop, "Forward", request)
-        ctx.remote, ctx.request = remote, request
+        ctx.remote, ctx.request, ctx.activations = remote, request, response.activations
         ctx.dtypes = (hidden.dtype, None if prompts is None else prompts.dtype, [t.dtype for t in lora_tensors])
         ctx.inputs = (hidden.detach(), position_ids, attention_mask, prompts, lora, lora_scaling)
         output = tensors.decode(response.hidden_states)
@@ -232,7 +233,10 @@ class _RemoteHop(torch.autograd.Function):
         if remote.view.is_convicted(hop.peer.peer_id):  # caught lying on this very forward: not asked again
             grads = _checked_elsewhere(remote, hop, recompute)
         else:
-            request = pb.BackwardRequest(inputs=ctx.request, grad_outputs=tensors.encode(grad_output.to(peer_dtype), remote.codec))
+            request = pb.BackwardRequest(
+                inputs=ctx.request, grad_outputs=tensors.encode(grad_output.to(peer_dtype), remote.codec),
+                activations=ctx.activations,  # another peer taking over for a failed one recomputes
+            )
             response, hop = remote.call(hop, "Backward", request)
             grads = (
                 tensors.decode(response.grad_hidden_states),

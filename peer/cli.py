@@ -10,7 +10,12 @@ import threading
 
 import click
 
-from swarm.constants import DEFAULT_ANNOUNCE_PERIOD, DEFAULT_BANDWIDTH_MBPS, DEFAULT_MAX_MESSAGE_BYTES
+from swarm.constants import (
+    DEFAULT_ACTIVATION_CACHE_MB,
+    DEFAULT_ANNOUNCE_PERIOD,
+    DEFAULT_BANDWIDTH_MBPS,
+    DEFAULT_MAX_MESSAGE_BYTES,
+)
 from swarm.errors import SwarmError
 from swarm.net.addresses import AddressError
 
@@ -92,6 +97,9 @@ _PEER_OPTIONS = [
                  "with the cores split between them."),
     click.option("--parallel-min-rows", type=click.IntRange(min=1), help="Passes of fewer token rows than this run on "
                  "one thread (default: measured on this machine at the first start, and cached)."),
+    click.option("--activation-cache-mb", default=DEFAULT_ACTIVATION_CACHE_MB, show_default=True,
+                 type=click.IntRange(min=0), help="Memory for what autograd needs from clients' training Forwards "
+                 "until their Backwards (least recently kept out first; 0: every Backward recomputes its Forward)."),
     click.option("--balance-period", default=120.0, show_default=True,
                  help="Mean seconds between checks whether other blocks need this peer more (not with --blocks)."),
     click.option("--bandwidth", "bandwidth_mbps", default=DEFAULT_BANDWIDTH_MBPS, show_default=True,
@@ -110,7 +118,7 @@ def peer_options(command):
 
 def run_peer(model_path: str, blocks, num_blocks: int | None, device: str, dtype: str, initial_peers, new_swarm: bool,
              host, port, dht_port, announce_host, announce_port, relay, relay_port, cache_tokens, announce_period, session_timeout,
-             max_message_mb, public_name, num_threads, parallel_min_rows, balance_period, bandwidth_mbps, identity_path, adapters) -> None:
+             max_message_mb, public_name, num_threads, parallel_min_rows, activation_cache_mb, balance_period, bandwidth_mbps, identity_path, adapters) -> None:
     """Runs a peer until SIGINT/SIGTERM."""
     if not initial_peers and not new_swarm:
         raise click.UsageError("give --initial-peers MULTIADDR (a line `swarm-peer bootstrap` printed) to join a "
@@ -135,7 +143,7 @@ def run_peer(model_path: str, blocks, num_blocks: int | None, device: str, dtype
         announce_period=announce_period, session_idle_timeout=session_timeout,
         max_message_bytes=max_message_mb * 2**20, public_name=public_name, balance_period=balance_period,
         bandwidth_mbps=bandwidth_mbps, identity_path=identity_path, adapters=tuple(adapters), num_threads=num_threads,
-        parallel_min_rows=parallel_min_rows,
+        parallel_min_rows=parallel_min_rows, activation_cache_mb=activation_cache_mb,
     )
     try:
         peer = Peer(config)

@@ -1,12 +1,14 @@
 """gRPC handlers of the data plane: decode and check requests, queue the compute, encode the answers."""
 
 import asyncio
+import functools
 import logging
 from collections.abc import AsyncIterator, Callable
 
 import grpc
 import torch
 
+from peer.activation_cache import ActivationCache, request_digest
 from peer.adapters import HostedAdapter
 from peer.directory import PeerDirectory, PushRefused
 from peer.memory_pool import CacheExhaustedError, CachePool
@@ -24,6 +26,7 @@ from peer.training import (
     merge_group,
     run_backward,
     run_forward,
+    run_forward_keeping,
 )
 from peer.validation import InvalidRequest, check_block_range, decode_span_inputs, decode_tensor
 from swarm import tensors
@@ -54,11 +57,14 @@ class SwarmPeerServicer(pb_grpc.SwarmPeerServicer):
         on_cache_change: Callable[[], None] = lambda: None,
         adapters: dict[str, HostedAdapter] | None = None,
         directory: PeerDirectory | None = None,
+        activations: ActivationCache | None = None,
     ):
         self.span, self.dtype, self.model_prefix = span, dtype, model_prefix
         self.directory = directory or PeerDirectory(list)
         self.adapters = adapters or {}
         self.runtime, self.pool = runtime, pool
+        self.activations = activations or ActivationCache()
+        self._forward_keeping = functools.partial(run_forward_keeping, self.activations)
         self.max_message_bytes = max_message_bytes
         self.session_idle_timeout = session_idle_timeout
         self.on_cache_change = on_cache_change
@@ -75,6 +81,7 @@ class SwarmPeerServicer(pb_grpc.SwarmPeerServicer):
         """
         old_runtime = self.runtime
         self.span, self.runtime, self.adapters = span, runtime, adapters
+        self.activations.clear()  # graphs of the old span's blocks
         return old_runtime
 
     @property
@@ -101,8 +108,12 @@ class SwarmPeerServicer(pb_grpc.SwarmPeerServicer):
             job = decode_job(request, self.span, self.dtype, self.adapters)
         except InvalidRequest as error:
             await context.abort(getattr(grpc.StatusCode, error.code), str(error))
-        output = await self.runtime.run(run_forward, job, merge_group(job))
-        return pb.ForwardResponse(hidden_states=tensors.encode(output, job.codec))
+        if not job.keep:
+            output = await self.runtime.run(run_forward, job, merge_group(job))
+            return pb.ForwardResponse(hidden_states=tensors.encode(output, job.codec))
+        job.digest = request_digest(request)
+        output, name = await self.runtime.run(self._forward_keeping, job)
+        return pb.ForwardResponse(hidden_states=tensors.encode(output, job.codec), activations=name)
 
     async def Backward(self, request: pb.BackwardRequest, context) -> pb.BackwardResponse:
         try:
@@ -110,7 +121,9 @@ class SwarmPeerServicer(pb_grpc.SwarmPeerServicer):
             grad_outputs = decode_grad_outputs(request.grad_outputs, job)
         except InvalidRequest as error:
             await context.abort(getattr(grpc.StatusCode, error.code), str(error))
-        return await self.runtime.run(run_backward, (job, grad_outputs), merge_group(job))
+        job.keep = False  # the Forward's flag, sent back with its inputs: a Backward keeps nothing
+        kept = self.activations.take(request.activations, request_digest(request.inputs)) if request.activations else None
+        return await self.runtime.run(run_backward, (job, grad_outputs, kept), merge_group(job) if kept is None else None)
 
     async def ForwardChunked(self, request_iterator, context) -> AsyncIterator[pb.Chunk]:
         request = await self._assemble(request_iterator, pb.ForwardRequest, context)

@@ -14,6 +14,7 @@ from hivemind.dht.crypto import RSASignatureValidator
 from hivemind.utils import get_dht_time
 from hivemind.utils.crypto import RSAPrivateKey
 
+from peer.activation_cache import ActivationCache
 from peer.adapters import AdapterError, HostedAdapter, load_adapter, parse_adapter_option
 from peer.announcer import Announcer
 from peer.block_selection import DEFAULT_MARGIN, better_start, choose_start, planned_spans
@@ -28,7 +29,7 @@ from peer.runtime import ComputeRuntime
 from peer.throughput import ServedSpeed, network_throughput
 from swarm.blocks import BlockSpan
 from swarm.checkpoint import Checkpoint
-from swarm.constants import DEFAULT_BANDWIDTH_MBPS, PROTOCOL_VERSION
+from swarm.constants import DEFAULT_ACTIVATION_CACHE_MB, DEFAULT_BANDWIDTH_MBPS, PROTOCOL_VERSION
 from swarm.coverage import block_throughputs
 from swarm.dht_records import PeerSpan, ServerRecord, ServerState, fetch_peer_spans
 from swarm.families import family_for
@@ -64,6 +65,7 @@ class PeerConfig:
     adapters: tuple[str, ...] = ()  # peft LoRA adapter folders to host, "PATH" or "NAME=PATH"
     num_threads: int | None = None  # CPU threads of a large pass (default: torch's, one per core)
     parallel_min_rows: int | None = None  # smaller passes run on one thread (default: measured)
+    activation_cache_mb: int = DEFAULT_ACTIVATION_CACHE_MB  # autograd state kept from Forwards for their Backwards
 
 
 def resolve_dtype(name: str, checkpoint: Checkpoint) -> torch.dtype:
@@ -150,6 +152,7 @@ class Peer:
             self.span, self.dtype, self.model_prefix, self._new_runtime(self.span), pool,
             config.max_message_bytes, config.session_idle_timeout, on_cache_change=self.announcer.announce_soon,
             adapters=self._load_adapters(self.span), directory=self.directory,
+            activations=ActivationCache(config.activation_cache_mb << 20),
         )
         self.server = grpc.aio.server(
             options=[

@@ -1,13 +1,15 @@
-"""Stateless forward and backward through a span, with the client's trainable tensors (deep prompts, LoRA).
+"""Forward and backward through a span, with the client's trainable tensors (deep prompts, LoRA).
 
-Peers keep their weights frozen and keep nothing between calls: backward recomputes the forward pass with
-gradients enabled for the inputs and the tensors the client sent, then returns their gradients.
+Peers keep their weights frozen. A Backward recomputes the forward pass with gradients enabled for the inputs and
+the tensors the client sent, then returns their gradients, unless its Forward asked to keep what autograd needs
+(peer/activation_cache.py): then the kept graph is used and the recomputation skipped.
 """
 
 from dataclasses import dataclass, field
 
 import torch
 
+from peer.activation_cache import ActivationCache, KeptActivations, SavedBytes
 from peer.adapters import HostedAdapter, adapter_lora
 from peer.lora import lora_target, loras_applied
 from peer.validation import InvalidRequest, SpanInputs, check_block_range, decode_span_inputs, decode_tensor
@@ -28,6 +30,8 @@ class SpanJob:
     lora_scaling: float = 1.0
     adapter: HostedAdapter | None = None  # hosted by the peer: applied, never differentiated
     codec: str = ""  # wire compression of the answer's activations and input gradients
+    keep: bool = False  # a Forward asking to keep its activations for the Backward
+    digest: bytes = b""  # of the request, when activations are kept or looked up
 
 
 def decode_job(
@@ -53,6 +57,7 @@ def decode_job(
     job.lora = decode_lora(request.lora, span, request.start_block, request.end_block, dtype)
     job.lora_scaling = check_lora_scaling(request.lora_scaling) if job.lora else 1.0
     job.codec = check_compression(request.compression)
+    job.keep = request.keep_activations
     return job
 
 
@@ -127,8 +132,9 @@ def decode_grad_outputs(message: pb.Tensor, job: SpanJob) -> torch.Tensor:
 
 
 def merge_group(job: SpanJob) -> tuple | None:
-    """Jobs with equal keys can run as one batch; jobs carrying trainable tensors of their own always run alone."""
-    if job.deep_prompts is not None or job.lora:
+    """Jobs with equal keys can run as one batch; jobs carrying trainable tensors of their own, or keeping their
+    activations, always run alone."""
+    if job.deep_prompts is not None or job.lora or job.keep:
         return None
     return job.blocks.start, job.blocks.stop, job.adapter.name if job.adapter else "", job.inputs.hidden_states.shape[1]
 
@@ -140,17 +146,23 @@ def run_forward(span: BlockSpan, jobs: list[SpanJob]) -> list[torch.Tensor]:
     return list(output.split(_batch_sizes(jobs)))
 
 
-def run_backward(span: BlockSpan, items: list[tuple[SpanJob, torch.Tensor]]) -> list[pb.BackwardResponse]:
-    """Recomputes the forward pass with gradients on; returns the gradients of everything each client sent."""
-    jobs = [job for job, _ in items]
-    job, grad_outputs = _merged(jobs), torch.cat([grad for _, grad in items])
+def run_forward_keeping(cache: ActivationCache, span: BlockSpan, jobs: list[SpanJob]) -> list[tuple[torch.Tensor, bytes]]:
+    """A lone job's forward pass with gradients on, its graph kept in `cache`: (output, the entry's name or b"")."""
+    (job,) = jobs
+    with torch.enable_grad(), SavedBytes() as saved:
+        output, leaves = _graph(span, job)
+    nbytes = saved.nbytes + output.nbytes + sum(leaf.nbytes for leaf in leaves)
+    return [(output.detach(), cache.put(KeptActivations(job.digest, output, leaves, nbytes)))]
+
+
+def run_backward(
+    span: BlockSpan, items: list[tuple[SpanJob, torch.Tensor, KeptActivations | None]]
+) -> list[pb.BackwardResponse]:
+    """The gradients of everything each client sent, from its kept graph or from the forward pass recomputed."""
+    jobs = [job for job, _, _ in items]
+    job, grad_outputs, kept = _merged(jobs), torch.cat([grad for _, grad, _ in items]), items[0][2]
     with torch.enable_grad():
-        hidden = job.inputs.hidden_states.clone().requires_grad_(True)
-        prompts = None if job.deep_prompts is None else job.deep_prompts.clone().requires_grad_(True)
-        lora = {name: tuple(t.clone().requires_grad_(True) for t in pair) for name, pair in job.lora.items()}
-        leaves = [hidden] + ([prompts] if prompts is not None else []) + [t for pair in lora.values() for t in pair]
-        with loras_applied(span, adapter_lora(job.adapter), (lora, job.lora_scaling)):
-            output = _run(span, job, hidden, prompts)
+        output, leaves = (kept.output, kept.leaves) if kept is not None else _graph(span, job)
         grads = torch.autograd.grad(output, leaves, grad_outputs)
     if len(items) > 1:  # merged jobs carry nothing but hidden states
         return [
@@ -159,12 +171,23 @@ def run_backward(span: BlockSpan, items: list[tuple[SpanJob, torch.Tensor]]) -> 
         ]
     grads = iter(grads)
     response = pb.BackwardResponse(grad_hidden_states=tensors.encode(next(grads), jobs[0].codec))
-    if prompts is not None:
+    if job.deep_prompts is not None:
         response.grad_deep_prompts.CopyFrom(tensors.encode(next(grads)))
-    for name in lora:
+    for name in job.lora:
         for kind in ("lora_A", "lora_B"):
             response.grad_lora.add(name=f"{name}.{kind}", tensor=tensors.encode(next(grads)))
     return [response]
+
+
+def _graph(span: BlockSpan, job: SpanJob) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """The job's output with gradients on (call with grad mode enabled), and the leaves: the hidden states, then the
+    deep prompts (if sent), then the LoRA factors in request order."""
+    hidden = job.inputs.hidden_states.clone().requires_grad_(True)
+    prompts = None if job.deep_prompts is None else job.deep_prompts.clone().requires_grad_(True)
+    lora = {name: tuple(t.clone().requires_grad_(True) for t in pair) for name, pair in job.lora.items()}
+    leaves = [hidden] + ([prompts] if prompts is not None else []) + [t for pair in lora.values() for t in pair]
+    with loras_applied(span, adapter_lora(job.adapter), (lora, job.lora_scaling)):
+        return _run(span, job, hidden, prompts), leaves
 
 
 def _batch_sizes(jobs: list[SpanJob]) -> list[int]:

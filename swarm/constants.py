@@ -17,3 +17,4 @@ SPAN_MOVED_STATUS = "ABORTED"
 # Network bandwidth a peer announces when its operator does not say (Mbit/s); it is not measured, since a peer
 # cannot know which of its links the swarm will use.
 DEFAULT_BANDWIDTH_MBPS = 100.0
+DEFAULT_ACTIVATION_CACHE_MB = 512  # what a peer keeps of training Forwards for their Backwards (peer/activation_cache.py)

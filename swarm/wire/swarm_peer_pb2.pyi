@@ -167,7 +167,7 @@ class NamedTensor(_message.Message):
     def __init__(self, name: _Optional[str] = ..., tensor: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
 
 class ForwardRequest(_message.Message):
-    __slots__ = ("start_block", "end_block", "hidden_states", "position_ids", "attention_mask", "deep_prompts", "lora", "lora_scaling", "adapter", "compression")
+    __slots__ = ("start_block", "end_block", "hidden_states", "position_ids", "attention_mask", "deep_prompts", "lora", "lora_scaling", "adapter", "compression", "keep_activations")
     START_BLOCK_FIELD_NUMBER: _ClassVar[int]
     END_BLOCK_FIELD_NUMBER: _ClassVar[int]
     HIDDEN_STATES_FIELD_NUMBER: _ClassVar[int]
@@ -178,6 +178,7 @@ class ForwardRequest(_message.Message):
     LORA_SCALING_FIELD_NUMBER: _ClassVar[int]
     ADAPTER_FIELD_NUMBER: _ClassVar[int]
     COMPRESSION_FIELD_NUMBER: _ClassVar[int]
+    KEEP_ACTIVATIONS_FIELD_NUMBER: _ClassVar[int]
     start_block: int
     end_block: int
     hidden_states: Tensor
@@ -188,21 +189,26 @@ class ForwardRequest(_message.Message):
     lora_scaling: float
     adapter: str
     compression: str
-    def __init__(self, start_block: _Optional[int] = ..., end_block: _Optional[int] = ..., hidden_states: _Optional[_Union[Tensor, _Mapping]] = ..., position_ids: _Optional[_Union[Tensor, _Mapping]] = ..., attention_mask: _Optional[_Union[Tensor, _Mapping]] = ..., deep_prompts: _Optional[_Union[Tensor, _Mapping]] = ..., lora: _Optional[_Iterable[_Union[NamedTensor, _Mapping]]] = ..., lora_scaling: _Optional[float] = ..., adapter: _Optional[str] = ..., compression: _Optional[str] = ...) -> None: ...
+    keep_activations: bool
+    def __init__(self, start_block: _Optional[int] = ..., end_block: _Optional[int] = ..., hidden_states: _Optional[_Union[Tensor, _Mapping]] = ..., position_ids: _Optional[_Union[Tensor, _Mapping]] = ..., attention_mask: _Optional[_Union[Tensor, _Mapping]] = ..., deep_prompts: _Optional[_Union[Tensor, _Mapping]] = ..., lora: _Optional[_Iterable[_Union[NamedTensor, _Mapping]]] = ..., lora_scaling: _Optional[float] = ..., adapter: _Optional[str] = ..., compression: _Optional[str] = ..., keep_activations: _Optional[bool] = ...) -> None: ...
 
 class ForwardResponse(_message.Message):
-    __slots__ = ("hidden_states",)
+    __slots__ = ("hidden_states", "activations")
     HIDDEN_STATES_FIELD_NUMBER: _ClassVar[int]
+    ACTIVATIONS_FIELD_NUMBER: _ClassVar[int]
     hidden_states: Tensor
-    def __init__(self, hidden_states: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
+    activations: bytes
+    def __init__(self, hidden_states: _Optional[_Union[Tensor, _Mapping]] = ..., activations: _Optional[bytes] = ...) -> None: ...
 
 class BackwardRequest(_message.Message):
-    __slots__ = ("inputs", "grad_outputs")
+    __slots__ = ("inputs", "grad_outputs", "activations")
     INPUTS_FIELD_NUMBER: _ClassVar[int]
     GRAD_OUTPUTS_FIELD_NUMBER: _ClassVar[int]
+    ACTIVATIONS_FIELD_NUMBER: _ClassVar[int]
     inputs: ForwardRequest
     grad_outputs: Tensor
-    def __init__(self, inputs: _Optional[_Union[ForwardRequest, _Mapping]] = ..., grad_outputs: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
+    activations: bytes
+    def __init__(self, inputs: _Optional[_Union[ForwardRequest, _Mapping]] = ..., grad_outputs: _Optional[_Union[Tensor, _Mapping]] = ..., activations: _Optional[bytes] = ...) -> None: ...
 
 class Chunk(_message.Message):
     __slots__ = ("data",)
