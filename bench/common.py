@@ -17,15 +17,25 @@ def timed(function: Callable[[], object]) -> float:
     return time.perf_counter() - started
 
 
-def interleaved_medians(functions: dict[str, Callable[[], object]], repeats: int) -> dict[str, float]:
-    """Median seconds of each function, run in turns (after one warm-up each) so that noise hits them alike."""
+def interleaved_timings(functions: dict[str, Callable[[], object]], repeats: int) -> dict[str, list[float]]:
+    """Seconds of each function in each of `repeats` rounds, run in turns (after one warm-up each) so that noise
+    hits them alike: the i-th timings of two functions ran in the same round."""
     for function in functions.values():
         function()
     timings: dict[str, list[float]] = {name: [] for name in functions}
     for _ in range(repeats):
         for name, function in functions.items():
             timings[name].append(timed(function))
-    return {name: statistics.median(values) for name, values in timings.items()}
+    return timings
+
+
+def interleaved_medians(functions: dict[str, Callable[[], object]], repeats: int) -> dict[str, float]:
+    """Median seconds of each function over `interleaved_timings`' rounds."""
+    return {name: statistics.median(values) for name, values in interleaved_timings(functions, repeats).items()}
+
+
+def rates(amount: float, seconds: list[float]) -> list[float]:
+    return [amount / value for value in seconds]
 
 
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:

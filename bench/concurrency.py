@@ -9,13 +9,13 @@ and apply the head after the clock stops, which checks that every session would 
 
 import multiprocessing
 import queue
-import statistics
 import threading
 import time
 
 import torch
 from transformers import DynamicCache
 
+from bench.common import rates
 from bench.results import Result
 
 CLIENT_PROCESSES = 4
@@ -147,12 +147,21 @@ def concurrent_decode(args, folder: str, local, bootstrap: str) -> list[Result]:
                 swarm_seconds.append(seconds)
                 same &= picked_same
             total = count * args.concurrent_tokens
-            results.append(Result(
-                f"decode, {count} concurrent sessions", "tokens/s",
-                total / statistics.median(swarm_seconds), total / statistics.median(local_seconds),
-                detail=f"1 peer x all blocks vs local batch {count}; {CLIENT_PROCESSES} client processes; "
-                f"same tokens: {same}",
+            results.append(Result.measured(
+                f"decode, {count} concurrent sessions", "tokens/s", rates(total, swarm_seconds),
+                rates(total, local_seconds), detail=f"1 peer x all blocks vs local batch {count}; "
+                f"{CLIENT_PROCESSES} client processes; same tokens: {same}",
             ))
     finally:
         pool.close()
+    flag_slower_larger_batches(results)
     return results
+
+
+def flag_slower_larger_batches(results: list[Result]) -> None:
+    """A local batch decodes more tokens/s than any smaller one (it streams the same weights once for more rows):
+    one that did not was disturbed, and its ratio would flatter the swarm."""
+    for smaller, larger in zip(results, results[1:]):
+        if larger.local < smaller.local:
+            larger.warning = (f"local batch decoded {larger.local:.4g} tokens/s, slower than the smaller batch's "
+                              f"{smaller.local:.4g}")

@@ -6,7 +6,7 @@ from collections.abc import Iterator
 
 import torch
 
-from bench.common import interleaved_medians, timed
+from bench.common import interleaved_timings, rates, timed
 from bench.results import Result
 from client import AutoDistributedModelForCausalLM
 
@@ -16,7 +16,7 @@ def single_session_decode(args: argparse.Namespace, folder: str, local, bootstra
     prompt = torch.randint(3, local.config.vocab_size, (1, 16))
     options = dict(max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens, do_sample=False)
     with _client(folder, bootstrap) as pushed, _client(folder, bootstrap, peer_to_peer=False) as relayed:
-        seconds = interleaved_medians(
+        seconds = interleaved_timings(
             {
                 "local": lambda: local.generate(prompt, **options),
                 "pushed": lambda: pushed.generate(prompt, **options),
@@ -27,11 +27,12 @@ def single_session_decode(args: argparse.Namespace, folder: str, local, bootstra
         expected = local.generate(prompt, **options)
         same = torch.equal(pushed.generate(prompt, **options), expected) and torch.equal(relayed.generate(prompt, **options), expected)
     detail = f"2 peers x {args.layers // 2} blocks, {args.new_tokens} new tokens, same tokens: {same}"
+    speeds = {name: rates(args.new_tokens, values) for name, values in seconds.items()}
     return [
-        Result("single-session decode", "tokens/s", args.new_tokens / seconds["pushed"], args.new_tokens / seconds["local"], detail=detail),
-        Result(
-            "single-session decode, client relays each hop", "tokens/s", args.new_tokens / seconds["relayed"],
-            args.new_tokens / seconds["local"], detail="peer_to_peer=False: each peer's output goes back to the client",
+        Result.measured("single-session decode", "tokens/s", speeds["pushed"], speeds["local"], detail=detail),
+        Result.measured(
+            "single-session decode, client relays each hop", "tokens/s", speeds["relayed"], speeds["local"],
+            detail="peer_to_peer=False: each peer's output goes back to the client",
         ),
     ]
 
@@ -41,13 +42,14 @@ def prefill(args: argparse.Namespace, folder: str, local, bootstrap: str) -> Res
     prompt = torch.randint(3, local.config.vocab_size, (1, args.prefill_tokens))
     options = dict(max_new_tokens=1, do_sample=False)
     with _client(folder, bootstrap) as swarm:
-        seconds = interleaved_medians(
+        seconds = interleaved_timings(
             {"local": lambda: local.generate(prompt, **options), "swarm": lambda: swarm.generate(prompt, **options)},
             args.repeats,
         )
-    return Result(
-        f"prefill of a {args.prefill_tokens}-token prompt", "ms", seconds["swarm"] * 1e3, seconds["local"] * 1e3,
-        higher_is_better=False, detail="time to the first new token, 2 peers",
+    return Result.measured(
+        f"prefill of a {args.prefill_tokens}-token prompt", "ms", [value * 1e3 for value in seconds["swarm"]],
+        [value * 1e3 for value in seconds["local"]], higher_is_better=False,
+        detail="time to the first new token, 2 peers",
     )
 
 

@@ -1,13 +1,13 @@
 """Forward+backward through the blocks: 2 peers x half the blocks against local transformers.
 
-Both sides run the blocks forward and backward to the input hidden states (what prompt tuning needs); peers keep
-no state between the calls, so their backward recomputes the forward pass.
+Both sides run the blocks forward and backward to the input hidden states (what prompt tuning needs); each peer
+keeps the Forward's autograd graph for the Backward (peer/activation_cache.py).
 """
 
 import torch
 from transformers.masking_utils import create_causal_mask
 
-from bench.common import interleaved_medians
+from bench.common import interleaved_timings, rates
 from bench.results import Result
 from client import AutoDistributedModelForCausalLM
 
@@ -35,14 +35,14 @@ def forward_backward(args, folder: str, local, bootstrap: str) -> Result:
     local = local.requires_grad_(False)
     swarm = AutoDistributedModelForCausalLM.from_pretrained(folder, initial_peers=[bootstrap])
     try:
-        seconds = interleaved_medians(
+        seconds = interleaved_timings(
             {"local": lambda: local_blocks_step(local, hidden, weights), "swarm": lambda: swarm_blocks_step(swarm, hidden, weights)},
             args.repeats,
         )
     finally:
         swarm.close()
     tokens = args.train_batch * args.train_length
-    return Result(
-        "forward+backward", "tokens/s", tokens / seconds["swarm"], tokens / seconds["local"],
+    return Result.measured(
+        "forward+backward", "tokens/s", rates(tokens, seconds["swarm"]), rates(tokens, seconds["local"]),
         detail=f"batch {args.train_batch} x {args.train_length} tokens, 2 peers",
     )
