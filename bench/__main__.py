@@ -36,6 +36,7 @@ def main() -> None:
     parser.add_argument("--prefill-tokens", type=int, default=512)
     parser.add_argument("--sessions", type=lambda text: [int(n) for n in text.split(",")], default=[1, 4, 16, 64])
     parser.add_argument("--concurrent-tokens", type=int, default=32)
+    parser.add_argument("--one-process-sessions", type=int, default=16, help="sessions run from one client process")
     parser.add_argument("--train-batch", type=int, default=4)
     parser.add_argument("--train-length", type=int, default=128)
     parser.add_argument("--hop-steps", type=int, default=500)
@@ -43,6 +44,7 @@ def main() -> None:
     if args.quick:
         args.hidden, args.layers, args.vocab, args.repeats = 256, 4, 1024, 2
         args.new_tokens, args.sessions, args.concurrent_tokens, args.hop_steps = 16, [1, 4], 8, 100
+        args.one_process_sessions = 4
     wanted = set(args.only.split(","))
     peer_settings: list[str] = []
     results = run(args, wanted, peer_settings)

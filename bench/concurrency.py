@@ -2,15 +2,18 @@
 
 The local counterpart decodes the sequences greedily as one batch with transformers' KV cache. Each swarm session
 is a client of its own: the sessions are spread over CLIENT_PROCESSES client processes (threads inside each), as
-users of a swarm do not share one Python interpreter; all of them share this machine's cores with the peer. On a
+users of a swarm do not share one Python interpreter, and then all run from one process (threads), as an API server
+runs its users' sessions; all of them share this machine's cores with the peer. On a
 real swarm every client applies the final norm and the head on its own machine; here the clients feed local's tokens
 and apply the head after the clock stops, which checks that every session would have picked exactly local's tokens.
 """
 
+import contextlib
 import multiprocessing
 import queue
 import threading
 import time
+from collections.abc import Iterator
 
 import torch
 from transformers import DynamicCache
@@ -85,13 +88,13 @@ def _client_worker(folder: str, bootstrap: str, start, commands, results) -> Non
 
 
 class ClientPool:
-    """CLIENT_PROCESSES client processes that decode the rows of a batch of sessions together."""
+    """`processes` client processes that decode the rows of a batch of sessions together."""
 
-    def __init__(self, folder: str, bootstrap: str):
+    def __init__(self, folder: str, bootstrap: str, processes: int = CLIENT_PROCESSES):
         context = multiprocessing.get_context("spawn")
-        self.start = context.Barrier(CLIENT_PROCESSES + 1)
+        self.start = context.Barrier(processes + 1)
         self.results = context.Queue()
-        self.commands = [context.Queue() for _ in range(CLIENT_PROCESSES)]
+        self.commands = [context.Queue() for _ in range(processes)]
         self.processes = [
             context.Process(target=_client_worker, args=(folder, bootstrap, self.start, commands, self.results))
             for commands in self.commands
@@ -106,7 +109,7 @@ class ClientPool:
         """Seconds until every row's session has fed its tokens (rows dealt round-robin to the processes), and
         whether every session picked exactly `tokens`."""
         for index, commands in enumerate(self.commands):
-            commands.put((prompts[index::CLIENT_PROCESSES], tokens[index::CLIENT_PROCESSES]))
+            commands.put((prompts[index :: len(self.commands)], tokens[index :: len(self.commands)]))
         try:
             self.start.wait(timeout=_TIMEOUT)
         except threading.BrokenBarrierError:
@@ -134,28 +137,46 @@ class ClientPool:
 
 
 def concurrent_decode(args, folder: str, local, bootstrap: str) -> list[Result]:
-    pool = ClientPool(folder, bootstrap)
+    """Each count of sessions from CLIENT_PROCESSES processes, then the largest one from a single process."""
     results = []
-    try:
+    with _pool(folder, bootstrap, CLIENT_PROCESSES) as pool:
         for count in args.sessions:
-            prompts = torch.randint(3, local.config.vocab_size, (count, 16))
-            local_seconds, swarm_seconds, same = [], [], True
-            for _ in range(args.repeats):
-                seconds, tokens = local_batch_decode(local, prompts, args.concurrent_tokens)
-                local_seconds.append(seconds)
-                seconds, picked_same = pool.decode(prompts, tokens)
-                swarm_seconds.append(seconds)
-                same &= picked_same
-            total = count * args.concurrent_tokens
-            results.append(Result.measured(
-                f"decode, {count} concurrent sessions", "tokens/s", rates(total, swarm_seconds),
-                rates(total, local_seconds), detail=f"1 peer x all blocks vs local batch {count}; "
-                f"{CLIENT_PROCESSES} client processes; same tokens: {same}",
+            results.append(_sessions_decode(
+                args, local, pool, count, f"decode, {count} concurrent sessions", f"{CLIENT_PROCESSES} client processes"
             ))
+    flag_slower_larger_batches(results)
+    with _pool(folder, bootstrap, 1) as pool:
+        count = args.one_process_sessions
+        one_process = _sessions_decode(
+            args, local, pool, count, f"decode, {count} concurrent sessions, one client process",
+            "1 client process, a thread per session",
+        )
+    return results + [one_process]
+
+
+@contextlib.contextmanager
+def _pool(folder: str, bootstrap: str, processes: int) -> Iterator[ClientPool]:
+    pool = ClientPool(folder, bootstrap, processes)
+    try:
+        yield pool
     finally:
         pool.close()
-    flag_slower_larger_batches(results)
-    return results
+
+
+def _sessions_decode(args, local, pool: ClientPool, count: int, metric: str, clients: str) -> Result:
+    prompts = torch.randint(3, local.config.vocab_size, (count, 16))
+    local_seconds, swarm_seconds, same = [], [], True
+    for _ in range(args.repeats):
+        seconds, tokens = local_batch_decode(local, prompts, args.concurrent_tokens)
+        local_seconds.append(seconds)
+        seconds, picked_same = pool.decode(prompts, tokens)
+        swarm_seconds.append(seconds)
+        same &= picked_same
+    total = count * args.concurrent_tokens
+    return Result.measured(
+        metric, "tokens/s", rates(total, swarm_seconds), rates(total, local_seconds),
+        detail=f"1 peer x all blocks vs local batch {count}; {clients}; same tokens: {same}",
+    )
 
 
 def flag_slower_larger_batches(results: list[Result]) -> None:
