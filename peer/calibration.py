@@ -12,7 +12,6 @@ import json
 import logging
 import os
 import platform
-import statistics
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -28,7 +27,9 @@ logger = logging.getLogger(__name__)
 ROW_COUNTS = (1, 2, 4, 8, 16, 32, 64)  # pass sizes timed: decode steps of 1..64 sessions, and a prefill chunk
 THROUGHPUT_ROWS = 64  # the announced throughput is that of a pass this large
 PARALLEL_GAIN = 1.1  # the budget is used for a pass size only where it is at least this much faster than one thread
-REPEATS = 4  # timed passes per size and setting (after one warm-up), interleaved so that noise hits all alike
+# Timed passes per size and setting (after one warm-up), interleaved so that noise hits all alike; the fastest
+# counts, since noise on a shared machine (other work, a hypervisor taking the cores) only ever adds time.
+REPEATS = 4
 LOCK_TIMEOUT = 120.0  # a peer waits this long for another's measurement, then measures beside it
 CPU_FLAGS = ("avx2", "fma", "avx512f", "avx512_bf16", "avx512_vnni", "amx_tile", "amx_bf16", "neon", "sve")
 
@@ -36,7 +37,7 @@ CPU_FLAGS = ("avx2", "fma", "avx512f", "avx512_bf16", "avx512_vnni", "amx_tile",
 @dataclass(frozen=True)
 class Calibration:
     plan: ThreadPlan
-    pass_seconds: dict[int, float]  # median seconds of a pass of that many rows under the plan, for ROW_COUNTS
+    pass_seconds: dict[int, float]  # fastest seconds of a pass of that many rows under the plan, for ROW_COUNTS
 
     @property
     def throughput(self) -> float:
@@ -74,7 +75,8 @@ class Calibration:
 
 
 def calibrate(span: BlockSpan, dtype: torch.dtype, budget: int, parallel_min_rows: int | None = None) -> Calibration:
-    """Times passes of ROW_COUNTS rows on one thread and on `budget` threads. The plan computes on the budget from
+    """Times passes of ROW_COUNTS rows on one thread and on `budget` threads (the fastest of REPEATS counts). The
+    plan computes on the budget from
     the smallest size at which the budget is PARALLEL_GAIN faster there and at every larger size (on one thread
     everywhere if it never is); a given `parallel_min_rows` is taken as it is. Runs on any thread: it sets its own."""
     settings = sorted({1, budget})
@@ -86,18 +88,18 @@ def calibrate(span: BlockSpan, dtype: torch.dtype, budget: int, parallel_min_row
                 seconds = time_pass(rows, threads)
                 if repeat:  # the first round warms up caches and OpenMP's pool
                     timings[rows, threads].append(seconds)
-    medians = {key: statistics.median(values) for key, values in timings.items()}
+    fastest = {key: min(values) for key, values in timings.items()}
     if parallel_min_rows is not None:
         plan = ThreadPlan(budget, parallel_min_rows)
     else:
-        plan = _measured_plan(budget, medians) if budget > 1 else ThreadPlan(1)
-    return Calibration(plan, {rows: medians[rows, plan.threads_for(rows)] for rows in ROW_COUNTS})
+        plan = _measured_plan(budget, fastest) if budget > 1 else ThreadPlan(1)
+    return Calibration(plan, {rows: fastest[rows, plan.threads_for(rows)] for rows in ROW_COUNTS})
 
 
-def _measured_plan(budget: int, medians: dict[tuple[int, int], float]) -> ThreadPlan:
+def _measured_plan(budget: int, seconds: dict[tuple[int, int], float]) -> ThreadPlan:
     threshold = None
     for rows in reversed(ROW_COUNTS):
-        if medians[rows, 1] < PARALLEL_GAIN * medians[rows, budget]:
+        if seconds[rows, 1] < PARALLEL_GAIN * seconds[rows, budget]:
             break
         threshold = rows
     return ThreadPlan(budget, threshold) if threshold is not None else ThreadPlan(1)

@@ -18,17 +18,17 @@ from swarm.checkpoint import Checkpoint
 from swarm.checkpoint_maker import byte_tokenizer
 
 
-def medians(one: dict[int, float], two: dict[int, float]) -> dict[tuple[int, int], float]:
+def timings(one: dict[int, float], two: dict[int, float]) -> dict[tuple[int, int], float]:
     return {**{(rows, 1): seconds for rows, seconds in one.items()}, **{(rows, 2): seconds for rows, seconds in two.items()}}
 
 
 def test_the_budget_is_used_only_from_the_size_where_it_pays_on():
     one = {rows: 1.0 + rows / 8 for rows in ROW_COUNTS}
-    assert _measured_plan(2, medians(one, {rows: one[rows] / 1.6 for rows in ROW_COUNTS})) == ThreadPlan(2, 1)
-    assert _measured_plan(2, medians(one, dict(one))) == ThreadPlan(1)  # a second thread never gains: one everywhere
+    assert _measured_plan(2, timings(one, {rows: one[rows] / 1.6 for rows in ROW_COUNTS})) == ThreadPlan(2, 1)
+    assert _measured_plan(2, timings(one, dict(one))) == ThreadPlan(1)  # a second thread never gains: one everywhere
     # Faster from 8 rows on, and by noise at 1 row too: the plan starts where every larger size agrees.
     two = {rows: one[rows] / (1.5 if rows >= 8 or rows == 1 else 1.0) for rows in ROW_COUNTS}
-    assert _measured_plan(2, medians(one, two)) == ThreadPlan(2, 8)
+    assert _measured_plan(2, timings(one, two)) == ThreadPlan(2, 8)
 
 
 def test_a_calibration_times_every_size_and_survives_its_file(tiny_llama, tmp_path):
