@@ -27,7 +27,7 @@ class KeptActivations:
     digest: bytes  # of the Forward request it was made for
     output: torch.Tensor  # carrying the graph back to `leaves`
     leaves: list[torch.Tensor]  # hidden states, then deep prompts (if sent), then LoRA factors in request order
-    nbytes: int  # of the tensors autograd saved, the output and the leaves
+    nbytes: int  # of the tensors autograd saved (the span's own weights left out), the output and the leaves
     expires: float = 0.0
 
 
@@ -96,10 +96,13 @@ class ActivationCache:
 
 
 class SavedBytes:
-    """Counts the bytes of the tensors autograd saves while inside (`torch.autograd.graph.saved_tensors_hooks`)."""
+    """Counts the bytes of the tensors autograd saves while inside (`torch.autograd.graph.saved_tensors_hooks`),
+    but for views of `module`'s parameters and buffers: a linear saves its weight, which the graph only shares."""
 
-    def __init__(self):
+    def __init__(self, module: torch.nn.Module):
         self.nbytes = 0
+        tensors = [*module.parameters(), *module.buffers()]
+        self._shared = {tensor.untyped_storage().data_ptr() for tensor in tensors}
 
     def __enter__(self) -> "SavedBytes":
         self._hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, lambda tensor: tensor)
@@ -110,5 +113,6 @@ class SavedBytes:
         self._hooks.__exit__(*exc_info)
 
     def _pack(self, tensor: torch.Tensor) -> torch.Tensor:
-        self.nbytes += tensor.nbytes  # views of one storage count once each: an upper bound
+        if tensor.untyped_storage().data_ptr() not in self._shared:
+            self.nbytes += tensor.nbytes  # views of one storage count once each: an upper bound
         return tensor

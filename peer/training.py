@@ -149,7 +149,7 @@ def run_forward(span: BlockSpan, jobs: list[SpanJob]) -> list[torch.Tensor]:
 def run_forward_keeping(cache: ActivationCache, span: BlockSpan, jobs: list[SpanJob]) -> list[tuple[torch.Tensor, bytes]]:
     """A lone job's forward pass with gradients on, its graph kept in `cache`: (output, the entry's name or b"")."""
     (job,) = jobs
-    with torch.enable_grad(), SavedBytes() as saved:
+    with torch.enable_grad(), SavedBytes(span) as saved:
         output, leaves = _graph(span, job)
     nbytes = saved.nbytes + output.nbytes + sum(leaf.nbytes for leaf in leaves)
     return [(output.detach(), cache.put(KeptActivations(job.digest, output, leaves, nbytes)))]

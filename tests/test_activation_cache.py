@@ -45,6 +45,7 @@ def test_kept_activations_give_the_gradients_of_recomputation_once(span):
     grad = torch.randn(2, 6, span.config.hidden_size)
     ((output, name),) = run_forward_keeping(cache, span, [job])
     assert name and len(cache) == 1 and cache.bytes_used > output.nbytes
+    assert cache.bytes_used < sum(parameter.nbytes for parameter in span.parameters())  # weights are shared, not kept
     kept = cache.take(name, request_digest(request))
     assert kept is not None and cache.take(name, request_digest(request)) is None and cache.bytes_used == 0  # used up
     (from_kept,) = run_backward(span, [(job, grad, kept)])

@@ -2,9 +2,11 @@
 answer compared with local `transformers`; and the chat page in a real headless chromium."""
 
 import json
+import socket
 import threading
 import time
 import types
+import urllib.parse
 
 import httpx2 as httpx
 import openai
@@ -283,3 +285,33 @@ def test_a_liar_on_the_fastest_route_changes_no_answer(tmp_path, bootstrap, monk
         liar.process.stop()
         for peer in honest:
             peer.process.stop()
+
+
+def test_a_queued_stream_whose_client_left_gives_its_place_up(swarm, bootstrap):
+    """With one slot taken, a stream waits its turn; its client leaving frees the place at once, not when its turn
+    has come and its prefill is done."""
+    server, url = start_api(swarm.path, bootstrap, "--max-concurrent", "1")
+    client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=120)
+    requests = lambda: httpx.get(f"{url}/health", timeout=30).json()["requests"]  # noqa: E731
+
+    def wait_for(expected: dict) -> None:
+        deadline = time.monotonic() + 15
+        while requests() != expected and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert requests() == expected
+
+    try:
+        holder = client.completions.create(model="chatty", prompt="Hold the slot", max_tokens=1500, temperature=0,
+                                           stream=True, extra_body={"ignore_eos": True})
+        next(iter(holder))
+        body = json.dumps(dict(model="chatty", prompt="queued", max_tokens=4, stream=True)).encode()
+        host, port = urllib.parse.urlsplit(url).hostname, urllib.parse.urlsplit(url).port
+        with socket.create_connection((host, port), timeout=30) as queued:  # no answer comes before its turn
+            queued.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: api\r\nContent-Type: application/json\r\n"
+                           b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+            wait_for({"running": 1, "waiting": 1})
+        wait_for({"running": 1, "waiting": 0})  # while the holder still generates
+        holder.close()
+        wait_for({"running": 0, "waiting": 0})
+    finally:
+        server.stop()

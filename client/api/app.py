@@ -59,7 +59,7 @@ def create_app(engine: Engine, model_name: str, default_chat_tokens: int) -> Fas
         missing = await asyncio.to_thread(engine.missing_blocks, True)
         body = {"status": "ok" if not missing else "missing_blocks", "model": model_name,
                 "num_blocks": engine.model.config.num_hidden_layers, "missing_blocks": missing,
-                "peers": engine.online_peers()}
+                "peers": engine.online_peers(), "requests": {"running": engine.running, "waiting": engine.waiting}}
         return JSONResponse(body, status_code=200 if not missing else 503)
 
     @app.get("/v1/models")
@@ -109,7 +109,7 @@ def create_app(engine: Engine, model_name: str, default_chat_tokens: int) -> Fas
                            code="missing_blocks")
         runs = [engine.run(generation, body.stream) for generation in requests]
         if body.stream:
-            return await stream(body, requests, runs, responders)
+            return await stream(body, requests, runs, responders, request)
         results = await until_disconnected(request, asyncio.gather(*(last(run) for run in runs)))
         choices, extras = [], []
         prompt_tokens = completion_tokens = 0
@@ -123,13 +123,15 @@ def create_app(engine: Engine, model_name: str, default_chat_tokens: int) -> Fas
                                       extras[0] if len(extras) == 1 else {"prompts": extras})
 
     async def stream(body: SamplingFields, requests: list[GenerationRequest], runs: list[AsyncIterator],
-                     responders: list[Responder]):
+                     responders: list[Responder], request: Request):
         events = merged(runs)
-        try:  # the first delta comes after the prefill: a swarm that fails before it gets a status code
-            first = await anext(events)
-        except Exception as error:
+        # The first delta comes after a free slot and the prefill: a swarm that fails before it gets a status code,
+        # and a client that leaves meanwhile gives its place up at once.
+        try:
+            first = await until_disconnected(request, anext(events))
+        except BaseException:
             await events.aclose()
-            raise as_api_error(error) from None
+            raise
 
         async def chunks() -> AsyncIterator[str]:
             prompt_tokens = completion_tokens = 0

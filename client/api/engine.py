@@ -195,6 +195,7 @@ class Engine:
         self.model, self.tokenizer = model, tokenizer
         self.context_length = int(getattr(model.config, "max_position_embeddings", 0) or 2048)
         self._slots = asyncio.Semaphore(max_concurrent)
+        self.running = self.waiting = 0  # requests generating, and waiting for a slot (reported by /health)
 
     def missing_blocks(self, refresh: bool = False) -> list[int]:
         view = self.model.remote.view
@@ -219,15 +220,22 @@ class Engine:
             except BaseException as error:  # handed to the request's handler, which answers with it
                 emit(error)
 
-        async with self._slots:
-            threading.Thread(target=work, name="api-generation", daemon=True).start()
-            try:
-                while True:
-                    event = await events.get()
-                    if isinstance(event, BaseException):
-                        raise event
-                    yield event
-                    if isinstance(event, GenerationResult):
-                        return
-            finally:
-                cancel.set()
+        self.waiting += 1
+        try:
+            await self._slots.acquire()
+        finally:
+            self.waiting -= 1
+        self.running += 1
+        threading.Thread(target=work, name="api-generation", daemon=True).start()
+        try:
+            while True:
+                event = await events.get()
+                if isinstance(event, BaseException):
+                    raise event
+                yield event
+                if isinstance(event, GenerationResult):
+                    return
+        finally:
+            cancel.set()
+            self.running -= 1
+            self._slots.release()
