@@ -12,7 +12,7 @@ import time
 
 from transformers import LlamaForCausalLM
 
-from bench.common import add_model_arguments, halves, model_config
+from bench.common import add_model_arguments, even_spans, model_config
 from bench.concurrency import concurrent_decode
 from bench.decode import client_first_token, prefill, single_session_decode
 from bench.overhead import hop_overhead
@@ -68,7 +68,7 @@ def run(args: argparse.Namespace, wanted: set[str], peer_settings: list[str]) ->
             # Peers may use every core; each measures at its first start (in a cache of this run's own) from which
             # pass size a second thread pays (peer/calibration.py).
             if wanted & {"decode", "startup", "prefill", "training"}:
-                with _peers(folder, bootstrap, halves(args.layers), CORES, peer_settings) as started:
+                with _peers(folder, bootstrap, even_spans(args.layers), CORES, peer_settings) as started:
                     if "decode" in wanted:
                         results.extend(map(_logged, single_session_decode(args, folder, local, bootstrap)))
                     if "startup" in wanted:
@@ -76,7 +76,7 @@ def run(args: argparse.Namespace, wanted: set[str], peer_settings: list[str]) ->
                             "peer start-up to online, first start", "s", started, higher_is_better=False,
                             detail=f"2 peers together: load {args.layers // 2} blocks, calibrate, announce",
                         )))
-                        with _peers(folder, bootstrap, halves(args.layers)[:1], CORES, []) as restarted:
+                        with _peers(folder, bootstrap, even_spans(args.layers)[:1], CORES, []) as restarted:
                             results.append(_logged(Result(
                                 "peer start-up to online, restart", "s", restarted, higher_is_better=False,
                                 detail="the same setting again: calibration cached",

@@ -22,18 +22,13 @@ import openai
 import torch
 from transformers import AutoTokenizer, LlamaForCausalLM
 
-from bench.common import add_model_arguments, model_config, timed
+from bench.common import add_model_arguments, even_spans, model_config, timed
 from peer.local_swarm import spawn_cli, start_bootstrap, start_peers
 from swarm.checkpoint_maker import save_random_checkpoint
 
 EOS = 2  # the byte tokenizer's </s>
 TOPICS = ["rivers", "bread", "stars", "chess", "rain", "bees", "trains", "salt", "maps", "glass", "owls", "tea",
           "bridges", "clocks", "moss", "kites"]
-
-
-def spans(layers: int, peers: int) -> list[str]:
-    bounds = [layers * index // peers for index in range(peers + 1)]
-    return [f"{start}:{end}" for start, end in zip(bounds, bounds[1:])]
 
 
 async def burst(url: str, messages: list[list[dict]], new_tokens: int) -> tuple[float, list[float], list[str]]:
@@ -100,7 +95,7 @@ def main() -> None:
         node, bootstrap = start_bootstrap()
         peers, server = [], None
         try:
-            peers = start_peers(folder, bootstrap, spans(args.layers, args.peers))
+            peers = start_peers(folder, bootstrap, even_spans(args.layers, args.peers))
             server = spawn_cli("api", folder, "--initial-peers", bootstrap, "--port", "0", "--model-name", "bench")
             url = server.wait_for_line(r"serving \S+ at (http://\S+/v1)").group(1)
             asyncio.run(burst(url, messages[:2], 4))  # warm-up: routes measured, connections open

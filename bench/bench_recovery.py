@@ -16,7 +16,7 @@ import time
 import torch
 from transformers import StoppingCriteria, StoppingCriteriaList
 
-from bench.common import add_model_arguments, halves, model_config
+from bench.common import add_model_arguments, even_spans, model_config
 from client import AutoDistributedModelForCausalLM
 from peer.local_swarm import start_bootstrap, start_peers
 from swarm.checkpoint_maker import save_random_checkpoint
@@ -47,7 +47,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
     config = model_config(args)
-    spans = halves(args.layers)
+    spans = even_spans(args.layers)
     recoveries, ordinary = [], []
     with tempfile.TemporaryDirectory() as folder:
         save_random_checkpoint(folder, config)

@@ -52,6 +52,7 @@ def model_config(args: argparse.Namespace) -> LlamaConfig:
     )
 
 
-def halves(layers: int) -> list[str]:
-    """Spans of two peers sharing the blocks equally."""
-    return [f"0:{layers // 2}", f"{layers // 2}:{layers}"]
+def even_spans(layers: int, peers: int = 2) -> list[str]:
+    """Spans of `peers` peers sharing the blocks as equally as they can."""
+    bounds = [layers * index // peers for index in range(peers + 1)]
+    return [f"{start}:{end}" for start, end in zip(bounds, bounds[1:])]
