@@ -75,24 +75,22 @@ class Calibration:
 
 
 def calibrate(span: BlockSpan, dtype: torch.dtype, budget: int, parallel_min_rows: int | None = None) -> Calibration:
-    """Times passes of ROW_COUNTS rows on one thread and on `budget` threads (the fastest of REPEATS counts). The
-    plan computes on the budget from
-    the smallest size at which the budget is PARALLEL_GAIN faster there and at every larger size (on one thread
-    everywhere if it never is); a given `parallel_min_rows` is taken as it is. Runs on any thread: it sets its own."""
-    settings = sorted({1, budget})
-    timings: dict[tuple[int, int], list[float]] = {(rows, threads): [] for rows in ROW_COUNTS for threads in settings}
+    """Times passes of ROW_COUNTS rows on one thread and on `budget` threads (the fastest of REPEATS counts). The plan
+    computes on the budget from the smallest size at which the budget is PARALLEL_GAIN faster there and at every
+    larger size (on one thread everywhere if it never is); a given `parallel_min_rows` is taken as it is, and only
+    the thread count it gives each size is timed. Runs on any thread: it sets its own."""
+    forced = None if parallel_min_rows is None else ThreadPlan(budget, parallel_min_rows)
+    settings = [(rows, threads) for rows in ROW_COUNTS for threads in sorted({1, budget})
+                if forced is None or threads == forced.threads_for(rows)]
+    timings: dict[tuple[int, int], list[float]] = {setting: [] for setting in settings}
     time_pass = _pass_timer(span, dtype)
     for repeat in range(REPEATS + 1):
-        for rows in ROW_COUNTS:
-            for threads in settings:
-                seconds = time_pass(rows, threads)
-                if repeat:  # the first round warms up caches and OpenMP's pool
-                    timings[rows, threads].append(seconds)
+        for rows, threads in settings:
+            seconds = time_pass(rows, threads)
+            if repeat:  # the first round warms up caches and OpenMP's pool
+                timings[rows, threads].append(seconds)
     fastest = {key: min(values) for key, values in timings.items()}
-    if parallel_min_rows is not None:
-        plan = ThreadPlan(budget, parallel_min_rows)
-    else:
-        plan = _measured_plan(budget, fastest) if budget > 1 else ThreadPlan(1)
+    plan = forced or (_measured_plan(budget, fastest) if budget > 1 else ThreadPlan(1))
     return Calibration(plan, {rows: fastest[rows, plan.threads_for(rows)] for rows in ROW_COUNTS})
 
 

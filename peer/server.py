@@ -91,6 +91,7 @@ class Peer:
         self.speed: ServedSpeed | None = None  # of the span being served
         self.network_throughput = network_throughput(config.bandwidth_mbps, self.checkpoint.config.hidden_size, self.dtype)
         self.calibrations = CalibrationCache()
+        self.machine = machine_fingerprint(config.device)  # part of the calibration's key
         self.next_pings: dict[str, float] = {}
         self.moving_to: int | None = None
         self.started_at = get_dht_time()
@@ -254,7 +255,7 @@ class Peer:
     def _calibration_key(self) -> str:
         rows = self.config.parallel_min_rows or "measured"
         return (f"{self.model_prefix} blocks={self.end - self.start} {self.config.device} {self.dtype} "
-                f"threads={self.threads} parallel_min_rows={rows} | {machine_fingerprint(self.config.device)}")
+                f"threads={self.threads} parallel_min_rows={rows} | {self.machine}")
 
     def _record(self) -> ServerRecord:
         return ServerRecord(
