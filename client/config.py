@@ -2,6 +2,8 @@
 
 from dataclasses import dataclass, field
 
+from swarm.constants import QUANTIZATIONS
+
 
 @dataclass
 class ClientConfig:
@@ -20,6 +22,11 @@ class ClientConfig:
     # A LoRA adapter hosted by peers (swarm-peer serve --adapters), by name: applied to inference and training,
     # and only peers hosting it are used. "" for none.
     active_adapter: str = ""
+    # Which peers' weights to compute with: "any" (the fastest chain, whatever its peers' quantization), or only
+    # peers that store their blocks' linear weights as "none" (exact: the checkpoint's floats), "int8" or "nf4".
+    # Whatever the choice, a peer replacing another in an inference session (its history replayed) or checking
+    # another's answers stores its weights the same way when the swarm has one (else the session logs the change).
+    quantization: str = "any"
     # Log every chosen inference route (peer name@address[blocks)) at WARNING, so that it shows without set-up.
     show_route: bool = False
     max_message_bytes: int = 64 * 1024 * 1024
@@ -44,3 +51,7 @@ class ClientConfig:
     # A peer caught answering wrong is avoided for liar_ban_seconds, doubling each time up to max_liar_ban_seconds.
     liar_ban_seconds: float = 3600.0
     max_liar_ban_seconds: float = 7 * 24 * 3600.0
+
+    def __post_init__(self) -> None:
+        if self.quantization != "any" and self.quantization not in QUANTIZATIONS:
+            raise ValueError(f"quantization must be any, {', '.join(QUANTIZATIONS)}; not {self.quantization!r}")

@@ -21,7 +21,7 @@ from client.verification import (
     tolerance,
 )
 from swarm import tensors
-from swarm.errors import RemoteError, SwarmError
+from swarm.errors import MissingBlocksError, RemoteError, SwarmError
 from swarm.routing import Hop
 from swarm.tensors import DTYPES
 from swarm.wire import swarm_peer_pb2 as pb
@@ -158,6 +158,9 @@ class InferenceSession:
         # For checking answers (client/verification.py): what each hop's cache holds and what its peer answered.
         self._timelines: list[HopTimeline] = []
         self.report = VerificationReport()  # what the checks found; `generate` gives each call its own
+        # Replacements whose peers store their weights otherwise than the peers they replaced (none was left):
+        # "blocks 0:4: nf4 -> none" each; the session's outputs changed there.
+        self.quantization_changes: list[str] = []
         self._check_rng = random.Random()  # not torch's: checks must not change seeded sampling
         self._steps_until_check = self._check_interval()
 
@@ -165,15 +168,18 @@ class InferenceSession:
     def route(self) -> list[Hop]:
         return [hop_session.hop for hop_session in self._hops or []]
 
-    def _open_chain(self, start: int, end: int) -> list[HopSession]:
-        """Opens sessions on a chain over [start, end), hop by hop: a peer that fails to open one is banned and the
-        rest of the chain is routed again from there (up to max_retries times)."""
+    def _open_chain(self, start: int, end: int, quantization: str | None = None) -> list[HopSession]:
+        """Opens sessions on a chain over [start, end) (through peers storing their weights as `quantization` says,
+        default the config's), hop by hop: a peer that fails to open one is banned and the rest of the chain is
+        routed again from there (up to max_retries times)."""
         config = self.remote.config
         opened: list[HopSession] = []
         failures, position = 0, start
         try:
             while position < end:
-                hop = self.remote.view.chain(position, end, cache_tokens=self._batch_size * self.max_length)[0]
+                hop = self.remote.view.chain(
+                    position, end, cache_tokens=self._batch_size * self.max_length, quantization=quantization
+                )[0]
                 try:
                     opened.append(HopSession(
                         self.remote.connections.stub(hop.peer), hop, self._batch_size,
@@ -274,7 +280,16 @@ class InferenceSession:
         """Opens a new chain for hop `index`'s blocks and replays everything that hop was sent, step by step."""
         old = self._hops[index].hop
         history = self._history[index]
-        replacement = self._open_chain(old.start, old.end)
+        try:  # the replayed cache must hold what the old peer's did: the same weights
+            replacement = self._open_chain(old.start, old.end, old.peer.record.quantization)
+        except MissingBlocksError:
+            replacement = self._open_chain(old.start, old.end)
+            change = f"blocks {old.start}:{old.end}: {old.peer.record.quantization} -> " + ", ".join(
+                hop_session.hop.peer.record.quantization for hop_session in replacement
+            )
+            self.quantization_changes.append(change)
+            logger.warning(f"no other peer stores these weights as the one that failed did; the session goes on with "
+                           f"other weights ({change})")
         new_history: list[list] = [[] for _ in replacement]
         new_timelines = [HopTimeline() for _ in replacement]
         try:
@@ -389,7 +404,7 @@ class InferenceSession:
             return tensors_agree(answer, reference, tolerance(dtypes, self.remote.codec), recorded["mask"])
 
         trusted = self.remote.checker.settle(
-            hop.peer.peer_id, recorded["outputs"], self.remote.opinions(hop.start, hop.end, forward, dtypes), agree,
+            hop.peer.peer_id, recorded["outputs"], self.remote.opinions(hop, forward, dtypes), agree,
             (hop.start, hop.end), self.report,
         )
         if trusted is None:

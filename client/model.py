@@ -302,7 +302,7 @@ class AutoDistributedModelForCausalLM:
         model_class = type(f"Distributed{family.causal_lm_class.__name__}", (DistributedCausalLMMixin, family.causal_lm_class), {})
         model = meta_model(family, config, num_layers=0, model_class=model_class)  # the blocks are remote
         names = [name for name in checkpoint.weight_map if not name.startswith(f"{family.layers_prefix}.")]
-        load_parts(model, family, [model], checkpoint, names, dtype, "cpu")
+        load_parts(model, family, [(model, names)], checkpoint, dtype, "cpu")
         head, embeddings = model.get_output_embeddings(), model.get_input_embeddings()
         if head.weight.is_meta:  # tied embeddings: the checkpoint holds the matrix once
             head.weight = embeddings.weight

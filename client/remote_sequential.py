@@ -36,10 +36,11 @@ class RemoteSequential(nn.Module):
         exclude: frozenset[str] = frozenset(),
         check_answers: bool | None = None,
         purpose: str = "training",
+        quantization: str | None = None,
     ):
         """`exclude`: peers never to use; `check_answers` (default: config.verify): have other peers check what
-        each training call's peer answered (client/verification.py); `purpose`: how chains are chosen (see
-        SwarmView.chain)."""
+        each training call's peer answered (client/verification.py); `purpose`: how chains are chosen, and
+        `quantization`: whose weights they go through (see SwarmView.chain)."""
         super().__init__()
         self.model_prefix, self.config = model_prefix, config
         self.view = view or SwarmView(model_prefix, num_blocks, config, PeerConnections(config.max_message_bytes))
@@ -47,7 +48,7 @@ class RemoteSequential(nn.Module):
         self.start_block = start_block
         self.end_block = num_blocks if end_block is None else end_block
         self.codec = check_codec(config.compression)  # activations on the wire, both ways
-        self.exclude, self.purpose = exclude, purpose
+        self.exclude, self.purpose, self.quantization = exclude, purpose, quantization
         self.check_answers = config.verify if check_answers is None else check_answers
         self.peers_used: dict[str, torch.dtype] = {}  # every peer that answered a call of this module, and its dtype
         self.report = VerificationReport()  # what the checks of training calls found
@@ -73,23 +74,25 @@ class RemoteSequential(nn.Module):
             self.start_block + start, self.start_block + stop, self.exclude, self.check_answers,
         )
 
-    def referee(self, start: int, end: int, exclude: frozenset[str]) -> "RemoteSequential":
-        """Blocks [start, end) on peers outside `exclude` (and this module's own exclusions), unchecked: what a
-        second opinion is computed with. Its chain is the fastest one that leaves peers over for a third opinion
-        (SwarmView.chain's "referee")."""
+    def referee(self, start: int, end: int, exclude: frozenset[str], quantization: str) -> "RemoteSequential":
+        """Blocks [start, end) on peers outside `exclude` (and this module's own exclusions) whose weights are
+        stored as `quantization` (that of the peer checked: another would not give the same answer), unchecked:
+        what a second opinion is computed with. Its chain is the fastest one that leaves peers over for a third
+        opinion (SwarmView.chain's "referee")."""
         return RemoteSequential(
             self.model_prefix, self.view.num_blocks, self.config, self.view, start, end, self.exclude | exclude, False,
-            "referee",
+            "referee", quantization,
         )
 
     def opinions(
-        self, start: int, end: int, compute: Callable[["RemoteSequential"], object], dtypes: set[torch.dtype]
+        self, hop: Hop, compute: Callable[["RemoteSequential"], object], dtypes: set[torch.dtype]
     ) -> Callable[[frozenset[str]], Opinion]:
-        """What `Referee.settle` asks for: `compute` run on blocks [start, end) of peers outside a set it is given;
-        the dtypes of the peers that answered are added to `dtypes` (they set the tolerance)."""
+        """What `Referee.settle` asks for: `compute` run on the hop's blocks, on peers outside a set it is given
+        that store their weights as the hop's peer does; the dtypes of the peers that answered are added to
+        `dtypes` (they set the tolerance)."""
 
         def opinion(exclude: frozenset[str]) -> Opinion:
-            reference = self.referee(start, end, exclude)
+            reference = self.referee(hop.start, hop.end, exclude, hop.peer.record.quantization)
             answer = compute(reference)
             dtypes.update(reference.peers_used.values())
             return Opinion(answer, frozenset(reference.peers_used))
@@ -126,7 +129,9 @@ class RemoteSequential(nn.Module):
         for first in range(0, batch, sub_batch):
             rows = slice(first, first + sub_batch)
             hidden = hidden_states[rows]
-            for hop in self.view.chain(self.start_block, self.end_block, purpose=self.purpose, exclude=self.exclude):
+            chain = self.view.chain(self.start_block, self.end_block, self.purpose, exclude=self.exclude,
+                                    quantization=self.quantization)
+            for hop in chain:
                 prompts = None
                 if deep_prompts is not None:
                     prompts = deep_prompts[hop.start - self.start_block : hop.end - self.start_block, rows]
@@ -161,7 +166,7 @@ class RemoteSequential(nn.Module):
             if failure.code not in RETRYABLE or attempt == self.config.max_retries:
                 raise failure
             self.view.handle_failure(failure, attempt)
-            replacement = self.view.chain(hop.start, hop.end, exclude=self.exclude)
+            replacement = self.view.replacement_chain(hop, exclude=self.exclude)
             if len(replacement) != 1:
                 raise SwarmError(
                     f"peer {hop.peer.peer_id} failed and no single peer serves blocks {hop.start}:{hop.end} in its "
@@ -255,7 +260,7 @@ def _checked(remote: RemoteSequential, hop: Hop, answer, recompute):
     """`answer` of the hop's peer if other peers agree with it, else theirs (client/verification.py)."""
     dtypes = {DTYPES[hop.peer.record.dtype]}
     trusted = remote.checker.settle(
-        hop.peer.peer_id, answer, remote.opinions(hop.start, hop.end, recompute, dtypes),
+        hop.peer.peer_id, answer, remote.opinions(hop, recompute, dtypes),
         lambda a, b: tensors_agree(a, b, tolerance(dtypes, remote.codec)), (hop.start, hop.end), remote.report,
     )
     return answer if trusted is None else trusted
@@ -263,7 +268,7 @@ def _checked(remote: RemoteSequential, hop: Hop, answer, recompute):
 
 def _checked_elsewhere(remote: RemoteSequential, hop: Hop, recompute):
     """What peers other than the hop's (convicted) one answer."""
-    return recompute(remote.referee(hop.start, hop.end, frozenset({hop.peer.peer_id})))
+    return recompute(remote.referee(hop.start, hop.end, frozenset({hop.peer.peer_id}), hop.peer.record.quantization))
 
 
 def _reference_forward(reference: RemoteSequential, inputs: tuple) -> torch.Tensor:

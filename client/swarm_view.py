@@ -140,28 +140,49 @@ class SwarmView:
 
     def chain(
         self, start: int = 0, end: int | None = None, purpose: str = "inference", cache_tokens: int = 0,
-        exclude: frozenset[str] = frozenset(),
+        exclude: frozenset[str] = frozenset(), quantization: str | None = None,
     ) -> list[Hop]:
         """A chain over blocks [start, end): for "inference" the lowest expected latency per step (measured round
         trips plus announced compute speed, a penalty per hop) over peers with `cache_tokens` of cache free, if
         those cover the blocks; for "referee" (a second opinion, no cache) the same among chains that leave another
         chain over the blocks for a third opinion; for "training" a throughput-weighted random draw that spreads
-        forward/backward load over replicas. Never through the peers in `exclude`. Looks again at the DHT before declaring blocks
-        missing."""
+        forward/backward load over replicas. Never through the peers in `exclude`; only through peers whose weights
+        are stored as `quantization` says ("any", "none", "int8", "nf4"; default: the client's config). Looks again
+        at the DHT before declaring blocks missing."""
         end = self.num_blocks if end is None else end
+        quantization = quantization or self.config.quantization
         try:
-            return self._choose(self._unbanned(self.peer_spans(), exclude), start, end, purpose, cache_tokens)
+            return self._choose(self._unbanned(self.peer_spans(), exclude), start, end, purpose, cache_tokens, quantization)
         except MissingBlocksError:
             pass
         try:
             spans = self._unbanned(self.peer_spans(refresh=True), exclude)
-            return self._choose(spans, start, end, purpose, cache_tokens)
+            return self._choose(spans, start, end, purpose, cache_tokens, quantization)
         except MissingBlocksError as error:
-            raise MissingBlocksError(self.model_prefix, error.missing_blocks, self.config.active_adapter) from None
+            raise MissingBlocksError(
+                self.model_prefix, error.missing_blocks, self.config.active_adapter, quantization
+            ) from None
 
-    def _choose(self, spans: list[PeerSpan], start: int, end: int, purpose: str, cache_tokens: int) -> list[Hop]:
+    def replacement_chain(self, hop: Hop, exclude: frozenset[str] = frozenset()) -> list[Hop]:
+        """A chain over the hop's blocks to replace its (failed) peer: through peers that store their weights as it
+        does while the swarm has any (answers stay comparable), else as the config allows, which is logged."""
+        try:
+            return self.chain(hop.start, hop.end, exclude=exclude, quantization=hop.peer.record.quantization)
+        except MissingBlocksError:
+            chain = self.chain(hop.start, hop.end, exclude=exclude)
+            logger.warning(
+                f"no other peer serves blocks {hop.start}:{hop.end} with {hop.peer.record.quantization} weights: "
+                f"continuing on {[h.peer.record.quantization for h in chain]} weights"
+            )
+            return chain
+
+    def _choose(
+        self, spans: list[PeerSpan], start: int, end: int, purpose: str, cache_tokens: int, quantization: str
+    ) -> list[Hop]:
         if self.config.active_adapter:
             spans = [span for span in spans if self.config.active_adapter in span.record.adapters]
+        if quantization != "any":
+            spans = [span for span in spans if span.record.quantization == quantization]
         if purpose == "training":
             return spread_chain(spans, start, end, self._rng, self.model_prefix)
         if purpose == "referee":

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import torch
 
 from swarm.constants import DEFAULT_ACTIVATION_CACHE_MB
+from swarm.quantization import plain_parts
 from swarm.wire import swarm_peer_pb2 as pb
 
 DEFAULT_TTL = 60.0  # seconds: a training step's Backward follows its Forward within one step
@@ -101,7 +102,7 @@ class SavedBytes:
 
     def __init__(self, module: torch.nn.Module):
         self.nbytes = 0
-        tensors = [*module.parameters(), *module.buffers()]
+        tensors = [part for tensor in [*module.parameters(), *module.buffers()] for part in plain_parts(tensor)]
         self._shared = {tensor.untyped_storage().data_ptr() for tensor in tensors}
 
     def __enter__(self) -> "SavedBytes":
@@ -113,6 +114,7 @@ class SavedBytes:
         self._hooks.__exit__(*exc_info)
 
     def _pack(self, tensor: torch.Tensor) -> torch.Tensor:
-        if tensor.untyped_storage().data_ptr() not in self._shared:
-            self.nbytes += tensor.nbytes  # views of one storage count once each: an upper bound
+        for part in plain_parts(tensor):
+            if part.untyped_storage().data_ptr() not in self._shared:
+                self.nbytes += part.nbytes  # views of one storage count once each: an upper bound
         return tensor

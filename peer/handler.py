@@ -96,6 +96,7 @@ class SwarmPeerServicer(pb_grpc.SwarmPeerServicer):
             start_block=self.span.start,
             end_block=self.span.end,
             dtype=tensors.DTYPE_NAMES[self.dtype],
+            quantization=self.span.quantization,
             cache_tokens_left=self.cache_tokens_left,
             hidden_size=self.hidden_size,
             max_message_bytes=self.max_message_bytes,

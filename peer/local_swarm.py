@@ -128,14 +128,18 @@ class PeerHandle:
         return span.endpoint
 
 
-def start_peers(model_path: str, initial_peer: str, spans: list[str], *extra: str, module: str = "peer.cli") -> list[PeerHandle]:
-    """Starts one peer per span ("0:2", ...) at once and waits until each is online."""
+def start_peers(
+    model_path: str, initial_peer: str, spans: list[str], *extra: str, module: str = "peer.cli",
+    options_per_span: list[tuple[str, ...]] | None = None,
+) -> list[PeerHandle]:
+    """Starts one peer per span ("0:2", ...) at once, each with the `extra` options and its own entry of
+    `options_per_span`, and waits until each is online."""
     processes = [
         spawn_cli(
             "serve", str(model_path), "--initial-peers", initial_peer, "--blocks", span,
-            "--announce-period", "5", "--num-threads", "1", *extra, module=module,
+            "--announce-period", "5", "--num-threads", "1", *extra, *own, module=module,
         )
-        for span in spans
+        for span, own in zip(spans, options_per_span or [()] * len(spans), strict=True)
     ]
     return [PeerHandle.from_online_line(process) for process in processes]
 

@@ -7,6 +7,7 @@ from transformers import PretrainedConfig
 from swarm.checkpoint import Checkpoint
 from swarm.families import family_for
 from swarm.model_loading import meta_model
+from swarm.quantization import quantized_bytes
 from swarm.tensors import DTYPE_NAMES
 
 MEMORY_HEADROOM = 0.8  # of the free memory, the rest left to activations, the allocator and the rest of the machine
@@ -31,12 +32,13 @@ def free_memory(device: str) -> int:
     return psutil.virtual_memory().available
 
 
-def block_bytes(checkpoint: Checkpoint, dtype: torch.dtype) -> int:
-    """Weights of the largest block in `dtype`, counted on a meta-device model (nothing is read or allocated)."""
+def block_bytes(checkpoint: Checkpoint, dtype: torch.dtype, quantization: str = "none") -> int:
+    """Weights of the largest block in `dtype` and `quantization`, counted on a meta-device model (nothing is read
+    or allocated)."""
     config = checkpoint.config
     family = family_for(config)
     layers = meta_model(family, config, config.num_hidden_layers).get_submodule(family.layers_prefix)
-    return max(sum(tensor.numel() for tensor in layer.parameters()) for layer in layers) * dtype.itemsize
+    return max(quantized_bytes(layer, quantization, dtype) for layer in layers)
 
 
 def cache_bytes_per_token(config: PretrainedConfig, dtype: torch.dtype) -> int:
@@ -58,14 +60,18 @@ def human_bytes(size: float) -> str:
     return f"{size:.1f} TiB"
 
 
-def blocks_that_fit(checkpoint: Checkpoint, dtype: torch.dtype, budget_bytes: int, cache_tokens: int) -> int:
-    """How many blocks, each with `cache_tokens` of KV cache, fit in `budget_bytes` (at most the whole model)."""
-    per_block = block_bytes(checkpoint, dtype) + cache_tokens * cache_bytes_per_token(checkpoint.config, dtype)
+def blocks_that_fit(
+    checkpoint: Checkpoint, dtype: torch.dtype, budget_bytes: int, cache_tokens: int, quantization: str = "none"
+) -> int:
+    """How many blocks, each with `cache_tokens` of KV cache (kept in `dtype` whatever the weights' quantization),
+    fit in `budget_bytes` (at most the whole model)."""
+    weights = block_bytes(checkpoint, dtype, quantization)
+    per_block = weights + cache_tokens * cache_bytes_per_token(checkpoint.config, dtype)
     count = min(budget_bytes // per_block, checkpoint.config.num_hidden_layers)
     if count < 1:
         raise DoesNotFitError(
             f"one block of {checkpoint.path.name} with {cache_tokens} tokens of cache needs {human_bytes(per_block)} "
-            f"in {DTYPE_NAMES[dtype]}, but only {human_bytes(budget_bytes)} may be used; free memory, raise --max-memory or "
+            f"in {DTYPE_NAMES[dtype]}{'' if quantization == 'none' else ' with ' + quantization + ' weights'}, but only {human_bytes(budget_bytes)} may be used; free memory, raise --max-memory or "
             "lower --cache-tokens"
         )
     return int(count)

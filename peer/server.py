@@ -37,6 +37,7 @@ from swarm.identity import identity_of, load_or_create_key, own_subkey
 from swarm.net.addresses import join_host_port, split_host_port
 from swarm.net.endpoints import server_credentials
 from swarm.net.tls import TLSIdentity
+from swarm.quantization import check_quantization
 from swarm.tensors import DTYPE_NAMES
 from swarm.wire import swarm_peer_pb2_grpc as pb_grpc
 
@@ -63,6 +64,7 @@ class PeerConfig:
     bandwidth_mbps: float = DEFAULT_BANDWIDTH_MBPS
     identity_path: str | None = None  # private key file: the same identity across restarts
     adapters: tuple[str, ...] = ()  # peft LoRA adapter folders to host, "PATH" or "NAME=PATH"
+    quantization: str = "none"  # how the blocks' linear weights are stored (swarm/quantization.py)
     num_threads: int | None = None  # CPU threads of a large pass (default: torch's, one per core)
     parallel_min_rows: int | None = None  # smaller passes run on one thread (default: measured)
     activation_cache_mb: int = DEFAULT_ACTIVATION_CACHE_MB  # autograd state kept from Forwards for their Backwards
@@ -81,6 +83,7 @@ class Peer:
         self.config = config
         self.checkpoint = Checkpoint(config.model_path)
         self.dtype = resolve_dtype(config.dtype, self.checkpoint)
+        self.quantization = check_quantization(config.quantization)
         self.threads = config.num_threads or torch.get_num_threads()
         self.model_prefix = self.checkpoint.model_prefix()
         self.num_model_blocks = self.checkpoint.config.num_hidden_layers
@@ -184,7 +187,7 @@ class Peer:
         where = f"via relay {self.network.relay}" if self.network.relay else f"at {self.address}"
         print(
             f"peer {self.identity} online: blocks {self.start}:{self.end} of {self.model_prefix} "
-            f"({DTYPE_NAMES[self.dtype]}, {self.throughput:.0f} tokens/s, {self.calibration.plan.describe()}) {where}, "
+            f"({self._weights()}, {self.throughput:.0f} tokens/s, {self.calibration.plan.describe()}) {where}, "
             f"{self.network.reachability}, ready in {time.perf_counter() - started:.1f}s",
             flush=True,
         )
@@ -229,7 +232,9 @@ class Peer:
         loop = asyncio.get_running_loop()
         end = start + self.end - self.start
         config = self.config
-        span = await loop.run_in_executor(None, BlockSpan.from_checkpoint, self.checkpoint, start, end, self.dtype, config.device)
+        span = await loop.run_in_executor(
+            None, BlockSpan.from_checkpoint, self.checkpoint, start, end, self.dtype, config.device, self.quantization
+        )
         measure = functools.partial(calibrate, span, self.dtype, self.threads, config.parallel_min_rows)
         self.calibration = await loop.run_in_executor(None, self.calibrations.get_or_measure, self._calibration_key(), measure)
         return span
@@ -255,6 +260,7 @@ class Peer:
     def _calibration_key(self) -> str:
         rows = self.config.parallel_min_rows or "measured"
         return (f"{self.model_prefix} blocks={self.end - self.start} {self.config.device} {self.dtype} "
+                f"quantization={self.quantization} "
                 f"threads={self.threads} parallel_min_rows={rows} | {self.machine}")
 
     def _record(self) -> ServerRecord:
@@ -264,6 +270,7 @@ class Peer:
             end_block=self.end,
             address=self.address,
             dtype=DTYPE_NAMES[self.dtype],
+            quantization=self.quantization,
             version=PROTOCOL_VERSION,
             throughput=self.throughput,
             network_throughput=self.network_throughput,
@@ -276,6 +283,11 @@ class Peer:
             certificate=self.tls.certificate,
             relay=self.network.relay,
         )
+
+    def _weights(self) -> str:
+        """The dtype, and the quantization if any: "float32" or "float32, nf4 weights"."""
+        dtype = DTYPE_NAMES[self.dtype]
+        return dtype if self.quantization == "none" else f"{dtype}, {self.quantization} weights"
 
     def _model_info(self) -> dict:
         return {

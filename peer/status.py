@@ -40,8 +40,8 @@ def coverage_table(model: ModelView) -> Table:
 
 def peers_table(model: ModelView) -> Table:
     table = Table(box=box.SIMPLE_HEAD, padding=(0, 1))
-    for column in ("peer", "name", "blocks", "state", "tokens/s", "net tok/s", "cache left", "dtype", "ver", "reached",
-                   "address", "adapters"):
+    for column in ("peer", "name", "blocks", "state", "tokens/s", "net tok/s", "cache left", "dtype", "quant", "ver",
+                   "reached", "address", "adapters"):
         table.add_column(column, justify="right" if column in ("tokens/s", "net tok/s", "cache left") else "left",
                          no_wrap=True)
     for peer in sorted(model.peers, key=lambda peer: (peer.start, peer.peer_id)):
@@ -49,8 +49,8 @@ def peers_table(model: ModelView) -> Table:
         state_style = {"online": "green", "joining": "yellow", "offline": "dim"}[peer.state]
         table.add_row(
             peer.peer_id[:10], peer.public_name, blocks, Text(peer.state, style=state_style), f"{peer.throughput:,.0f}",
-            f"{peer.network_throughput:,.0f}", f"{peer.cache_tokens_left:,}", peer.dtype, peer.version,
-            Text(peer.reachability, style="yellow" if peer.relay else ""), peer.relay or peer.address,
+            f"{peer.network_throughput:,.0f}", f"{peer.cache_tokens_left:,}", peer.dtype, peer.quantization,
+            peer.version, Text(peer.reachability, style="yellow" if peer.relay else ""), peer.relay or peer.address,
             ", ".join(peer.adapters),
         )
     return table

@@ -1,5 +1,7 @@
 """A contiguous span of transformer blocks, run with or without a KV cache."""
 
+import functools
+
 import torch
 from torch import nn
 from transformers import PretrainedConfig
@@ -9,6 +11,7 @@ from swarm import huge_pages
 from swarm.checkpoint import Checkpoint
 from swarm.families import Family, family_for
 from swarm.model_loading import load_parts, meta_model, meta_tensors
+from swarm.quantization import check_quantization, quantize_block
 
 
 class BlockSpan(nn.Module):
@@ -22,24 +25,30 @@ class BlockSpan(nn.Module):
         for local_index, layer in enumerate(self.layers):
             _rebase_layer_index(layer, local_index)
         self.position_encoder = self.family.make_position_encoder(config)
+        self.quantization = "none"  # how the blocks' linear layers are stored (swarm/quantization.py)
 
     @classmethod
     def from_checkpoint(
-        cls, checkpoint: Checkpoint, start: int, end: int, dtype: torch.dtype, device: torch.device | str = "cpu"
+        cls, checkpoint: Checkpoint, start: int, end: int, dtype: torch.dtype, device: torch.device | str = "cpu",
+        quantization: str = "none",
     ) -> "BlockSpan":
-        """Builds blocks [start, end) from only their own tensors; the rest of the model is never materialised."""
+        """Builds blocks [start, end) from only their own tensors; the rest of the model is never materialised. With
+        a `quantization` other than "none", each block is quantized as soon as it is loaded (swarm/quantization.py)."""
+        check_quantization(quantization)
         family = family_for(checkpoint.config)
         config = serving_config(checkpoint.config, family)
         if not 0 <= start < end <= config.num_hidden_layers:
             raise ValueError(f"blocks {start}:{end} are outside the model's 0:{config.num_hidden_layers}")
         skeleton = meta_model(family, config, end)
         layers = list(skeleton.get_submodule(family.layers_prefix)[start:end])
-        names = [name for index in range(start, end) for name in checkpoint.names_with_prefix(family.block_prefix(index))]
-        load_parts(skeleton, family, layers, checkpoint, names, dtype, device, progress=f"loading blocks {start}:{end}")
+        parts = [(layer, checkpoint.names_with_prefix(family.block_prefix(index))) for index, layer in zip(range(start, end), layers)]
+        quantize = None if quantization == "none" else functools.partial(quantize_block, mode=quantization, compute_dtype=dtype)
+        load_parts(skeleton, family, parts, checkpoint, dtype, device, progress=f"loading blocks {start}:{end}", finish=quantize)
         missing = [name for layer in layers for name in meta_tensors(layer)]
         if missing:
             raise ValueError(f"checkpoint {checkpoint.path} lacks tensors of blocks {start}:{end}: {missing[:5]}")
         span = cls(config, start, layers, family).to(device)
+        span.quantization = quantization
         huge_pages.move_parameters(span)
         return span.eval().requires_grad_(False)
 

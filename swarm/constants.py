@@ -18,3 +18,5 @@ SPAN_MOVED_STATUS = "ABORTED"
 # cannot know which of its links the swarm will use.
 DEFAULT_BANDWIDTH_MBPS = 100.0
 DEFAULT_ACTIVATION_CACHE_MB = 512  # what a peer keeps of training Forwards for their Backwards (peer/activation_cache.py)
+# How a peer may store its blocks' linear weights (swarm/quantization.py); "none" is exact.
+QUANTIZATIONS = ("none", "int8", "nf4")

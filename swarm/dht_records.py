@@ -28,6 +28,7 @@ class ServerRecord:
     address: str  # host:port of the peer's gRPC data plane; "" when only its relay reaches it
     dtype: str
     version: str
+    quantization: str = "none"  # how its blocks' linear weights are stored: none (exact), int8, nf4
     throughput: float = 0.0  # tokens/s the peer computes through its span
     network_throughput: float = 0.0  # tokens/s its bandwidth carries (activations in and out); 0: unknown
     cache_tokens_left: int = 0
@@ -61,6 +62,7 @@ class ServerRecord:
                 address=str(record["address"]),
                 dtype=str(record["dtype"]),
                 version=str(record["version"]),
+                quantization=str(record.get("quantization", "none")),
                 throughput=float(record.get("throughput", 0.0)),
                 network_throughput=float(record.get("network_throughput", 0.0)),
                 cache_tokens_left=int(record.get("cache_tokens_left", 0)),

@@ -8,13 +8,15 @@ class SwarmError(Exception):
 class MissingBlocksError(SwarmError):
     """No chain of online peers covers the blocks asked for."""
 
-    def __init__(self, model_prefix: str, missing_blocks: list[int], adapter: str = ""):
+    def __init__(self, model_prefix: str, missing_blocks: list[int], adapter: str = "", quantization: str = "any"):
         self.missing_blocks = missing_blocks
         with_adapter = f" with adapter {adapter!r}" if adapter else ""
+        stored = "" if quantization == "any" else f" with {quantization} weights"
         super().__init__(
             f"no online peer of the swarm serves block(s) {_ranges(missing_blocks)} of model {model_prefix!r}"
-            f"{with_adapter}; start a peer for them (swarm-peer serve ... --blocks START:END"
-            f"{' --adapters PATH' if adapter else ''}) or wait for one to join"
+            f"{with_adapter}{stored}; start a peer for them (swarm-peer serve ... --blocks START:END"
+            f"{' --adapters PATH' if adapter else ''}{'' if quantization in ('any', 'none') else ' --quant ' + quantization})"
+            " or wait for one to join"
         )
 
 

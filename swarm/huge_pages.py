@@ -31,10 +31,12 @@ def empty(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
 
 
 def move_parameters(module: nn.Module) -> None:
-    """Copies every CPU parameter of `module` into one huge-page arena (tied parameters stay tied)."""
+    """Copies every plain CPU parameter of `module` into one huge-page arena (tied parameters stay tied); quantized
+    weights (tensor subclasses, with state of their own) stay where their library put them."""
     if not supported():
         return
-    parameters = [parameter for parameter in module.parameters() if parameter.device.type == "cpu"]
+    parameters = [parameter for parameter in module.parameters()
+                  if parameter.device.type == "cpu" and type(parameter) is nn.Parameter]
     offsets, total = [], 0
     for parameter in parameters:
         offsets.append(total)

@@ -7,7 +7,7 @@ expert tensors) exactly as `from_pretrained` would.
 
 import contextlib
 import copy
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import torch
 from torch import nn
@@ -35,24 +35,34 @@ def meta_model(family: Family, config: PretrainedConfig, num_layers: int, model_
 def load_parts(
     model: nn.Module,
     family: Family,
-    parts: list[nn.Module],
+    parts: list[tuple[nn.Module, list[str]]],
     checkpoint: Checkpoint,
-    names: list[str],
     dtype: torch.dtype,
     device: torch.device | str,
     progress: str | None = None,
+    finish: Callable[[nn.Module], None] | None = None,
 ) -> None:
-    """Loads the checkpoint tensors `names` into `model`, `parts` being the modules that will be used (their
-    buffers are made on `device`); see `meta_tensors` for what the checkpoint did not provide."""
+    """Loads into `model` each part's checkpoint tensors, (part, names) being the modules that will be used (their
+    buffers are made on `device`); see `meta_tensors` for what the checkpoint did not provide. With `finish`, the
+    parts load one after the other and `finish(part)` runs on each before the next is read (quantization: the whole
+    span is never in full precision in memory at once)."""
     _cast_parameters(model, dtype)
-    for part in parts:
+    for part, _ in parts:
         _init_non_persistent_buffers(model, part, device)
-    state = checkpoint.load(names, dtype=dtype, progress=progress)
     # transformers looks conversions up by class name: a subclass (the client's model) must use its parent's.
     conversion_model = model if type(model) is family.causal_lm_class else meta_model(family, model.config, 0)
     load_config = LoadStateDictConfig(weight_mapping=get_model_conversion_mapping(conversion_model), dtype=dtype)
-    with _without_transformers_progress_bar():  # ours (`progress`) already counted these tensors
-        convert_and_load_state_dict_in_model(model, state, load_config)
+    groups = [parts] if finish is None else [[part] for part in parts]
+    for index, group in enumerate(groups):
+        names = [name for _, part_names in group for name in part_names]
+        label = progress if progress is None or len(groups) == 1 else f"{progress} ({index + 1}/{len(groups)})"
+        state = checkpoint.load(names, dtype=dtype, progress=label)
+        with _without_transformers_progress_bar():  # ours (`progress`) already counted these tensors
+            convert_and_load_state_dict_in_model(model, state, load_config)
+        del state
+        if finish is not None:
+            for part, _ in group:
+                finish(part)
 
 
 @contextlib.contextmanager

@@ -21,6 +21,7 @@ class PeerView:
     network_throughput: float
     cache_tokens_left: int
     dtype: str
+    quantization: str  # of its blocks' weights: none, int8, nf4
     version: str
     address: str
     next_pings: dict[str, float]
@@ -34,7 +35,8 @@ class PeerView:
         record = span.record
         return cls(
             span.peer_id, record.public_name, record.state.name.lower(), span.start, span.end, record.throughput,
-            record.network_throughput, record.cache_tokens_left, record.dtype, record.version, record.address,
+            record.network_throughput, record.cache_tokens_left, record.dtype, record.quantization, record.version,
+            record.address,
             record.next_pings, record.moving_to, list(record.adapters), record.relay,
             "relayed" if record.relay else "direct",
         )

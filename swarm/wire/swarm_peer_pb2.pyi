@@ -23,7 +23,7 @@ class InfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class InfoResponse(_message.Message):
-    __slots__ = ("protocol_version", "model_prefix", "start_block", "end_block", "dtype", "cache_tokens_left", "hidden_size", "max_message_bytes", "largest_batch", "adapters")
+    __slots__ = ("protocol_version", "model_prefix", "start_block", "end_block", "dtype", "cache_tokens_left", "hidden_size", "max_message_bytes", "largest_batch", "adapters", "quantization")
     PROTOCOL_VERSION_FIELD_NUMBER: _ClassVar[int]
     MODEL_PREFIX_FIELD_NUMBER: _ClassVar[int]
     START_BLOCK_FIELD_NUMBER: _ClassVar[int]
@@ -34,6 +34,7 @@ class InfoResponse(_message.Message):
     MAX_MESSAGE_BYTES_FIELD_NUMBER: _ClassVar[int]
     LARGEST_BATCH_FIELD_NUMBER: _ClassVar[int]
     ADAPTERS_FIELD_NUMBER: _ClassVar[int]
+    QUANTIZATION_FIELD_NUMBER: _ClassVar[int]
     protocol_version: str
     model_prefix: str
     start_block: int
@@ -44,7 +45,8 @@ class InfoResponse(_message.Message):
     max_message_bytes: int
     largest_batch: int
     adapters: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, protocol_version: _Optional[str] = ..., model_prefix: _Optional[str] = ..., start_block: _Optional[int] = ..., end_block: _Optional[int] = ..., dtype: _Optional[str] = ..., cache_tokens_left: _Optional[int] = ..., hidden_size: _Optional[int] = ..., max_message_bytes: _Optional[int] = ..., largest_batch: _Optional[int] = ..., adapters: _Optional[_Iterable[str]] = ...) -> None: ...
+    quantization: str
+    def __init__(self, protocol_version: _Optional[str] = ..., model_prefix: _Optional[str] = ..., start_block: _Optional[int] = ..., end_block: _Optional[int] = ..., dtype: _Optional[str] = ..., cache_tokens_left: _Optional[int] = ..., hidden_size: _Optional[int] = ..., max_message_bytes: _Optional[int] = ..., largest_batch: _Optional[int] = ..., adapters: _Optional[_Iterable[str]] = ..., quantization: _Optional[str] = ...) -> None: ...
 
 class OpenSession(_message.Message):
     __slots__ = ("session_id", "start_block", "end_block", "batch_size", "max_length", "alloc_timeout", "lora", "lora_scaling", "adapter", "deep_prompts", "compression")

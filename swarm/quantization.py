@@ -1,0 +1,151 @@
+"""Quantized blocks: the linear layers of a span kept in 8 or 4 bits, quantized block by block as they load.
+
+Each mode uses the library that measured best for it on CPU (bench/quantization.py), with the same calls that
+`transformers` makes when it loads a model with the matching config (`transformers_config`), so that a swarm of
+quantized peers computes what local `transformers` computes with that config:
+- "none": the checkpoint's floating-point weights;
+- "int8": int8 weights with one scale per output channel, activations in the peer's dtype (torchao's
+  Int8WeightOnlyConfig; bitsandbytes' LLM.int8 ran at half of float32's decode speed on CPU);
+- "nf4": 4-bit NormalFloat in blocks of 64 weights, computing in the peer's dtype (bitsandbytes' Linear4bit, as
+  QLoRA and Petals use), without bitsandbytes' CPU repacking (`without_cpu_repacking`).
+Every `nn.Linear` of a block is quantized, as `transformers`' quantizers do; norms, biases and anything that is not
+a linear layer (e.g. fused MoE expert tensors) stay in the peer's dtype. Gradients flow through the quantized
+layers to their inputs (the weights stay frozen), so prompts and LoRA train on a quantized swarm.
+"""
+
+import contextlib
+import logging
+from collections.abc import Iterator
+
+import torch
+from torch import nn
+
+from swarm.constants import QUANTIZATIONS
+
+NF4_BLOCK = 64  # weights per absmax scale in bitsandbytes' 4-bit formats (its default)
+
+
+def check_quantization(mode: str) -> str:
+    if mode not in QUANTIZATIONS:
+        raise ValueError(f"quantization must be one of {', '.join(QUANTIZATIONS)}, not {mode!r}")
+    return mode
+
+
+def quantize_block(block: nn.Module, mode: str, compute_dtype: torch.dtype) -> None:
+    """Replaces the weights of every linear layer in `block` (loaded, in `compute_dtype`) by their quantized form."""
+    if mode == "int8":
+        with _quiet_imports():
+            from torchao.quantization import Int8WeightOnlyConfig, quantize_
+        quantize_(block, Int8WeightOnlyConfig())
+    elif mode == "nf4":
+        for name, module in list(block.named_modules()):
+            if type(module) is nn.Linear:
+                block.set_submodule(name, _nf4_linear(module, compute_dtype))
+    elif mode != "none":
+        check_quantization(mode)
+
+
+def _nf4_linear(linear: nn.Linear, compute_dtype: torch.dtype) -> nn.Module:
+    """What transformers' bitsandbytes integration makes of `linear` for load_in_4bit with nf4 (single quantization:
+    its default), built the same way so that both quantize identically."""
+    with _quiet_imports():
+        import bitsandbytes as bnb
+    with torch.device("meta"):
+        quantized = bnb.nn.Linear4bit(
+            linear.in_features, linear.out_features, linear.bias is not None, compute_dtype,
+            compress_statistics=False, quant_type="nf4", quant_storage=torch.uint8,
+        )
+    device = linear.weight.device
+    quantized.weight = bnb.nn.Params4bit(linear.weight.data, requires_grad=False, **quantized.weight.__dict__).to(device)
+    if linear.bias is not None:
+        quantized.bias = nn.Parameter(linear.bias.data, requires_grad=False)
+    without_cpu_repacking(quantized)
+    return quantized.requires_grad_(False)
+
+
+def without_cpu_repacking(module: nn.Module) -> nn.Module:
+    """Turns off bitsandbytes' fast path for CPUs with AVX512-BF16 in every 4-bit linear layer of `module`.
+
+    On such CPUs, bitsandbytes 0.50 repacks a layer's weights in place at its first call without gradients: from
+    then on it computes in bfloat16 with bfloat16 scales, and calls with gradients come out wrong (measured: a
+    relative error of 1.0 in the input gradient). A peer answers inference and training from the same weights, so
+    it keeps the format every device shares; a local reference must do the same to compute what peers compute.
+    """
+    with _quiet_imports():
+        import bitsandbytes as bnb
+    for layer in module.modules():
+        if isinstance(layer, bnb.nn.Linear4bit):
+            layer.support_avx512bf16_for_cpu = False
+    return module
+
+
+def transformers_config(mode: str, dtype: torch.dtype):
+    """The `quantization_config` with which local `transformers.from_pretrained(..., dtype=dtype)` quantizes a
+    model exactly as peers with `mode` quantize their blocks (the reference tests and benchmarks compare with);
+    None for "none"."""
+    check_quantization(mode)
+    if mode == "none":
+        return None
+    from transformers import BitsAndBytesConfig, TorchAoConfig
+
+    if mode == "int8":
+        with _quiet_imports():
+            from torchao.quantization import Int8WeightOnlyConfig
+        return TorchAoConfig(Int8WeightOnlyConfig())
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=dtype)
+
+
+def quantized_bytes(block: nn.Module, mode: str, dtype: torch.dtype) -> int:
+    """Memory of an unquantized `block`'s weights once quantized with `mode`, from shapes alone (a meta block will
+    do)."""
+    check_quantization(mode)
+    total = 0
+    for module in block.modules():
+        for name, parameter in module.named_parameters(recurse=False):
+            numel = parameter.numel()
+            if mode != "none" and type(module) is nn.Linear and name == "weight":
+                if mode == "int8":  # int8 values, a scale and a zero point per output row
+                    total += numel + module.out_features * (dtype.itemsize + 1)
+                else:  # two weights a byte, a float32 absmax per block of weights, the 16 values of the code
+                    total += numel // 2 + -(-numel // NF4_BLOCK) * 4 + 16 * 4
+            else:
+                total += numel * dtype.itemsize
+    return total
+
+
+def stored_bytes(module: nn.Module) -> int:
+    """Bytes that `module`'s parameters and buffers really hold, quantized tensors (tensor subclasses and
+    bitsandbytes' quantization state) included."""
+    return sum(_tensor_bytes(tensor) for tensor in [*module.parameters(), *module.buffers()])
+
+
+def plain_parts(tensor: torch.Tensor) -> list[torch.Tensor]:
+    """The plain tensors that hold `tensor`'s data: itself, or the inner tensors of a tensor subclass (torchao's
+    quantized weights: int8 values and their scales), which has no storage of its own."""
+    if hasattr(tensor, "__tensor_flatten__"):
+        names, _ = tensor.__tensor_flatten__()
+        return [part for name in names for part in plain_parts(getattr(tensor, name))]
+    return [tensor]
+
+
+def _tensor_bytes(tensor: torch.Tensor) -> int:
+    total = sum(part.numel() * part.element_size() for part in plain_parts(tensor))
+    state = getattr(tensor, "quant_state", None)  # bitsandbytes' 4-bit weights: absmax scales and the code book
+    if state is not None:
+        total += _tensor_bytes(state.absmax) + _tensor_bytes(state.code)
+    return total
+
+
+@contextlib.contextmanager
+def _quiet_imports() -> Iterator[None]:
+    """bitsandbytes and torchao log at import that optional GPU kernels are absent, and torch that torchao registers
+    enums it no longer needs to: a peer's console is no place for that."""
+    loggers = [logging.getLogger(name) for name in ("torchao", "bitsandbytes", "torch.utils._pytree")]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        for logger, level in zip(loggers, levels):
+            logger.setLevel(level)
