@@ -27,9 +27,10 @@ MODULES = [
 ]
 
 
-def corpus() -> str:
+def corpus(modules: list[str] = MODULES) -> str:
+    """The docstrings (ASCII, over 80 characters) of `modules` and of their classes and functions, each once."""
     texts = []
-    for name in MODULES:
+    for name in modules:
         module = importlib.import_module(name)
         for obj in [module, *(value for _, value in inspect.getmembers(module) if inspect.isclass(value) or inspect.isfunction(value))]:
             doc = inspect.getdoc(obj)

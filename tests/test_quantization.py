@@ -23,7 +23,7 @@ from swarm.errors import MissingBlocksError
 from swarm.quantization import quantized_bytes, stored_bytes, transformers_config, without_cpu_repacking
 from swarm.wire import swarm_peer_pb2 as pb
 from swarm.wire import swarm_peer_pb2_grpc as pb_grpc
-from tests.test_training import run_local_blocks
+from tests.test_training import LORA, batch, close_relative, local_lora_model, run_local_blocks
 
 # name: (span, quantization); the nf4 halves chain, the int8 and exact peers hold every block.
 PEERS = {"nf4-a": ("0:2", "nf4"), "nf4-b": ("2:4", "nf4"), "int8": ("0:4", "int8"), "exact": ("0:4", "none")}
@@ -77,6 +77,27 @@ def test_quantized_peers_give_local_quantized_tokens_and_gradients(mode, tiny_ll
         (swarm_output * weights).sum().backward()
         (local_output * weights).sum().backward()
         assert (swarm_input.grad - local_input.grad).norm() <= 1e-4 * local_input.grad.norm()
+    finally:
+        model.close()
+
+
+@pytest.mark.parametrize("mode", sorted(CHAINS))
+def test_lora_trains_through_quantized_peers_as_local_peft_does(mode, tiny_llama, bootstrap, peers):
+    """QLoRA through the swarm: the client's LoRA factors get local peft's gradients on the quantized model."""
+    model = swarm_model(tiny_llama, bootstrap, peers, CHAINS[mode], tuning_mode="lora", lora_config=LORA)
+    try:
+        with torch.no_grad():  # B starts at zero (as in peft): non-zero, every gradient matters
+            for lora_b in model.lora.lora_B:
+                lora_b.normal_(0, 0.1)
+        local = local_lora_model(local_quantized(tiny_llama, mode), model)
+        ids, labels = batch(seed=1)
+        model(input_ids=ids, labels=labels).loss.backward()
+        local(input_ids=ids, labels=labels).loss.backward()
+        local_grads = {name.replace(".default", ""): p.grad for name, p in local.named_parameters() if p.requires_grad}
+        assert len(local_grads) == len(model.lora.names) * 2
+        for name, lora_a, lora_b in zip(model.lora.names, model.lora.lora_A, model.lora.lora_B):
+            assert close_relative(lora_a.grad, local_grads[model.lora.peft_name(name, "lora_A")])
+            assert close_relative(lora_b.grad, local_grads[model.lora.peft_name(name, "lora_B")])
     finally:
         model.close()
 
