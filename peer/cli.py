@@ -18,7 +18,10 @@ from swarm.constants import (
     QUANTIZATIONS,
 )
 from swarm.errors import SwarmError
+from swarm.logs import quiet_import_noise
 from swarm.net.addresses import AddressError
+
+quiet_import_noise()  # before any command imports transformers (which imports torchao when it is installed)
 
 
 class SwarmCommandGroup(click.Group):

@@ -37,7 +37,7 @@ from swarm.identity import identity_of, load_or_create_key, own_subkey
 from swarm.net.addresses import join_host_port, split_host_port
 from swarm.net.endpoints import server_credentials
 from swarm.net.tls import TLSIdentity
-from swarm.quantization import check_quantization
+from swarm.quantization import serving_quantization
 from swarm.tensors import DTYPE_NAMES
 from swarm.wire import swarm_peer_pb2_grpc as pb_grpc
 
@@ -83,7 +83,7 @@ class Peer:
         self.config = config
         self.checkpoint = Checkpoint(config.model_path)
         self.dtype = resolve_dtype(config.dtype, self.checkpoint)
-        self.quantization = check_quantization(config.quantization)
+        self.quantization = serving_quantization(self.checkpoint.config, config.quantization)
         self.threads = config.num_threads or torch.get_num_threads()
         self.model_prefix = self.checkpoint.model_prefix()
         self.num_model_blocks = self.checkpoint.config.num_hidden_layers

@@ -61,6 +61,7 @@ def join(model, models_dir, max_memory, num_blocks, device, **options) -> None:
     )
     from swarm.checkpoint import Checkpoint
     from swarm.dht_records import fetch_models
+    from swarm.quantization import serving_quantization
     from swarm.tensors import DTYPE_NAMES
 
     if options["new_swarm"]:
@@ -76,17 +77,21 @@ def join(model, models_dir, max_memory, num_blocks, device, **options) -> None:
         dht.shutdown()
     device = detect_device() if device == "auto" else device
     dtype = default_dtype(device)
+    try:
+        quantization = serving_quantization(checkpoint.config, options["quantization"])
+    except ValueError as error:
+        sys.exit(f"volunteer: {error}")
     available = int(free_memory(device) * MEMORY_HEADROOM)
     budget = available if max_memory is None else min(max_memory, available)
     try:
-        fit = blocks_that_fit(checkpoint, dtype, budget, options["cache_tokens"], options["quantization"])
+        fit = blocks_that_fit(checkpoint, dtype, budget, options["cache_tokens"], quantization)
     except DoesNotFitError as error:
         sys.exit(f"volunteer: {error}")
     if num_blocks is not None and num_blocks > fit:
         sys.exit(f"volunteer: {num_blocks} blocks do not fit in {human_bytes(budget)}; at most {fit} do")
     total = checkpoint.config.num_hidden_layers
     chosen = min(num_blocks or fit, total)
-    weights = DTYPE_NAMES[dtype] + ("" if options["quantization"] == "none" else f" with {options['quantization']} weights")
+    weights = DTYPE_NAMES[dtype] + ("" if quantization == "none" else f" with {quantization} weights")
     print(
         f"volunteering for {checkpoint.path.name} ({'new to the swarm' if entry is None else entry.prefix}): "
         f"{chosen} of {total} blocks on {device} in {weights} (room for {fit} in {human_bytes(budget)}), "

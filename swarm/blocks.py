@@ -1,6 +1,7 @@
 """A contiguous span of transformer blocks, run with or without a KV cache."""
 
 import functools
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -11,7 +12,13 @@ from swarm import huge_pages
 from swarm.checkpoint import Checkpoint
 from swarm.families import Family, family_for
 from swarm.model_loading import load_parts, meta_model, meta_tensors
-from swarm.quantization import check_quantization, quantize_block
+from swarm.quantization import (
+    is_serialized_linear_weight,
+    load_serialized_nf4,
+    quantize_block,
+    serving_quantization,
+    stored_quantization,
+)
 
 
 class BlockSpan(nn.Module):
@@ -34,16 +41,17 @@ class BlockSpan(nn.Module):
     ) -> "BlockSpan":
         """Builds blocks [start, end) from only their own tensors; the rest of the model is never materialised. With
         a `quantization` other than "none", each block is quantized as soon as it is loaded (swarm/quantization.py)."""
-        check_quantization(quantization)
+        quantization = serving_quantization(checkpoint.config, quantization)
         family = family_for(checkpoint.config)
         config = serving_config(checkpoint.config, family)
         if not 0 <= start < end <= config.num_hidden_layers:
             raise ValueError(f"blocks {start}:{end} are outside the model's 0:{config.num_hidden_layers}")
         skeleton = meta_model(family, config, end)
         layers = list(skeleton.get_submodule(family.layers_prefix)[start:end])
-        parts = [(layer, checkpoint.names_with_prefix(family.block_prefix(index))) for index, layer in zip(range(start, end), layers)]
-        quantize = None if quantization == "none" else functools.partial(quantize_block, mode=quantization, compute_dtype=dtype)
-        load_parts(skeleton, family, parts, checkpoint, dtype, device, progress=f"loading blocks {start}:{end}", finish=quantize)
+        prefixes = {id(layer): family.block_prefix(index) for index, layer in zip(range(start, end), layers)}
+        parts = [(layer, checkpoint.names_with_prefix(prefixes[id(layer)])) for layer in layers]
+        parts, finish = _block_loading(checkpoint, parts, prefixes, quantization, dtype, device)
+        load_parts(skeleton, family, parts, checkpoint, dtype, device, progress=f"loading blocks {start}:{end}", finish=finish)
         missing = [name for layer in layers for name in meta_tensors(layer)]
         if missing:
             raise ValueError(f"checkpoint {checkpoint.path} lacks tensors of blocks {start}:{end}: {missing[:5]}")
@@ -77,6 +85,24 @@ class BlockSpan(nn.Module):
             output = self.layers[index](hidden_states, **inputs)
             hidden_states = output[0] if isinstance(output, tuple) else output
         return hidden_states
+
+
+def _block_loading(
+    checkpoint: Checkpoint, parts: list[tuple[nn.Module, list[str]]], prefixes: dict[int, str], quantization: str,
+    dtype: torch.dtype, device: torch.device | str,
+) -> tuple[list[tuple[nn.Module, list[str]]], Callable[[nn.Module], None] | None]:
+    """Which of each block's tensors load as floats, and what finishes a block once they have: nothing (exact
+    weights), quantizing it (--quant), or reading its linear layers as stored (a checkpoint quantized already)."""
+    if stored_quantization(checkpoint.config) == "none":
+        quantize = functools.partial(quantize_block, mode=quantization, compute_dtype=dtype)
+        return parts, None if quantization == "none" else quantize
+    stored = {id(layer): [name for name in names if is_serialized_linear_weight(name, layer, prefixes[id(layer)])]
+              for layer, names in parts}
+
+    def load_stored(layer: nn.Module) -> None:
+        load_serialized_nf4(layer, prefixes[id(layer)], checkpoint.load(stored[id(layer)]), dtype, device)
+
+    return [(layer, [name for name in names if name not in stored[id(layer)]]) for layer, names in parts], load_stored
 
 
 def serving_config(config: PretrainedConfig, family: Family) -> PretrainedConfig:

@@ -8,19 +8,20 @@ quantized peers computes what local `transformers` computes with that config:
   Int8WeightOnlyConfig; bitsandbytes' LLM.int8 ran at half of float32's decode speed on CPU);
 - "nf4": 4-bit NormalFloat in blocks of 64 weights, computing in the peer's dtype (bitsandbytes' Linear4bit, as
   QLoRA and Petals use), without bitsandbytes' CPU repacking (`without_cpu_repacking`).
+A checkpoint that is quantized already is served as it is stored: bitsandbytes' serialized NF4 (what
+`save_pretrained` writes for a model loaded with `load_in_4bit`), read tensor by tensor like any other
+(`stored_quantization`, `load_serialized_nf4`).
+
 Every `nn.Linear` of a block is quantized, as `transformers`' quantizers do; norms, biases and anything that is not
 a linear layer (e.g. fused MoE expert tensors) stay in the peer's dtype. Gradients flow through the quantized
 layers to their inputs (the weights stay frozen), so prompts and LoRA train on a quantized swarm.
 """
 
-import contextlib
-import logging
-from collections.abc import Iterator
-
 import torch
 from torch import nn
 
 from swarm.constants import QUANTIZATIONS
+from swarm.logs import quiet_imports
 
 NF4_BLOCK = 64  # weights per absmax scale in bitsandbytes' 4-bit formats (its default)
 
@@ -31,10 +32,65 @@ def check_quantization(mode: str) -> str:
     return mode
 
 
+def stored_quantization(config) -> str:
+    """How a checkpoint's weights are stored: "none" (floats) or "nf4" (bitsandbytes' serialized 4-bit NF4, single
+    quantization); ValueError for a quantized format peers cannot serve."""
+    stored = getattr(config, "quantization_config", None)
+    if stored is None:
+        return "none"
+    stored = stored if isinstance(stored, dict) else stored.to_dict()
+    if (stored.get("quant_method") == "bitsandbytes" and stored.get("load_in_4bit")
+            and stored.get("bnb_4bit_quant_type") == "nf4" and not stored.get("bnb_4bit_use_double_quant")):
+        return "nf4"
+    raise ValueError(f"the checkpoint is quantized as {stored.get('quant_method')} "
+                     f"({ {key: value for key, value in stored.items() if not key.startswith('_')} }): peers serve float "
+                     "checkpoints and bitsandbytes' 4-bit NF4 ones")
+
+
+def serving_quantization(config, requested: str) -> str:
+    """The quantization a peer serves a checkpoint with: `requested` (--quant) for a float checkpoint, the stored
+    one for a quantized checkpoint (which cannot be quantized otherwise)."""
+    check_quantization(requested)
+    stored = stored_quantization(config)
+    if stored != "none" and requested not in ("none", stored):
+        raise ValueError(f"the checkpoint is stored in {stored}: it cannot be served with --quant {requested}")
+    return stored if stored != "none" else requested
+
+
+def is_serialized_linear_weight(name: str, block: nn.Module, block_prefix: str) -> bool:
+    """Whether checkpoint tensor `name` of a serialized-NF4 block is a linear layer's packed weight or one of its
+    quantization statistics (`weight.absmax`, `weight.quant_map`, ...), which `load_serialized_nf4` reads."""
+    module_path, found, _ = name[len(block_prefix):].partition(".weight")
+    if not found:
+        return False
+    try:
+        return type(block.get_submodule(module_path)) is nn.Linear
+    except AttributeError:
+        return False
+
+
+def load_serialized_nf4(block: nn.Module, block_prefix: str, tensors: dict[str, torch.Tensor],
+                        compute_dtype: torch.dtype, device: torch.device | str) -> None:
+    """Replaces each linear layer of `block` by the NF4 layer its checkpoint tensors (`tensors`, named from the
+    model's root, `block_prefix` being the block's) describe."""
+    with quiet_imports():
+        import bitsandbytes as bnb
+    for name, module in list(block.named_modules()):
+        if type(module) is not nn.Linear:
+            continue
+        weight = f"{block_prefix}{name}.weight"
+        stats = {key[len(weight) + 1 :]: value for key, value in tensors.items() if key.startswith(weight + ".")}
+        quantized = _empty_nf4_linear(module, compute_dtype)
+        quantized.weight = bnb.nn.Params4bit.from_prequantized(tensors[weight], stats, device=device, module=quantized)
+        if module.bias is not None:
+            quantized.bias = nn.Parameter(module.bias.data, requires_grad=False)
+        block.set_submodule(name, without_cpu_repacking(quantized).requires_grad_(False))
+
+
 def quantize_block(block: nn.Module, mode: str, compute_dtype: torch.dtype) -> None:
     """Replaces the weights of every linear layer in `block` (loaded, in `compute_dtype`) by their quantized form."""
     if mode == "int8":
-        with _quiet_imports():
+        with quiet_imports():
             from torchao.quantization import Int8WeightOnlyConfig, quantize_
         quantize_(block, Int8WeightOnlyConfig())
     elif mode == "nf4":
@@ -48,19 +104,26 @@ def quantize_block(block: nn.Module, mode: str, compute_dtype: torch.dtype) -> N
 def _nf4_linear(linear: nn.Linear, compute_dtype: torch.dtype) -> nn.Module:
     """What transformers' bitsandbytes integration makes of `linear` for load_in_4bit with nf4 (single quantization:
     its default), built the same way so that both quantize identically."""
-    with _quiet_imports():
+    with quiet_imports():
         import bitsandbytes as bnb
-    with torch.device("meta"):
-        quantized = bnb.nn.Linear4bit(
-            linear.in_features, linear.out_features, linear.bias is not None, compute_dtype,
-            compress_statistics=False, quant_type="nf4", quant_storage=torch.uint8,
-        )
+    quantized = _empty_nf4_linear(linear, compute_dtype)
     device = linear.weight.device
     quantized.weight = bnb.nn.Params4bit(linear.weight.data, requires_grad=False, **quantized.weight.__dict__).to(device)
     if linear.bias is not None:
         quantized.bias = nn.Parameter(linear.bias.data, requires_grad=False)
     without_cpu_repacking(quantized)
     return quantized.requires_grad_(False)
+
+
+def _empty_nf4_linear(linear: nn.Linear, compute_dtype: torch.dtype) -> nn.Module:
+    """A bitsandbytes 4-bit NF4 layer of `linear`'s shape, on the meta device, for its weights to be set."""
+    with quiet_imports():
+        import bitsandbytes as bnb
+    with torch.device("meta"):
+        return bnb.nn.Linear4bit(
+            linear.in_features, linear.out_features, linear.bias is not None, compute_dtype,
+            compress_statistics=False, quant_type="nf4", quant_storage=torch.uint8,
+        )
 
 
 def without_cpu_repacking(module: nn.Module) -> nn.Module:
@@ -71,7 +134,7 @@ def without_cpu_repacking(module: nn.Module) -> nn.Module:
     relative error of 1.0 in the input gradient). A peer answers inference and training from the same weights, so
     it keeps the format every device shares; a local reference must do the same to compute what peers compute.
     """
-    with _quiet_imports():
+    with quiet_imports():
         import bitsandbytes as bnb
     for layer in module.modules():
         if isinstance(layer, bnb.nn.Linear4bit):
@@ -89,7 +152,7 @@ def transformers_config(mode: str, dtype: torch.dtype):
     from transformers import BitsAndBytesConfig, TorchAoConfig
 
     if mode == "int8":
-        with _quiet_imports():
+        with quiet_imports():
             from torchao.quantization import Int8WeightOnlyConfig
         return TorchAoConfig(Int8WeightOnlyConfig())
     return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=dtype)
@@ -134,18 +197,3 @@ def _tensor_bytes(tensor: torch.Tensor) -> int:
     if state is not None:
         total += _tensor_bytes(state.absmax) + _tensor_bytes(state.code)
     return total
-
-
-@contextlib.contextmanager
-def _quiet_imports() -> Iterator[None]:
-    """bitsandbytes and torchao log at import that optional GPU kernels are absent, and torch that torchao registers
-    enums it no longer needs to: a peer's console is no place for that."""
-    loggers = [logging.getLogger(name) for name in ("torchao", "bitsandbytes", "torch.utils._pytree")]
-    levels = [logger.level for logger in loggers]
-    for logger in loggers:
-        logger.setLevel(logging.ERROR)
-    try:
-        yield
-    finally:
-        for logger, level in zip(loggers, levels):
-            logger.setLevel(level)

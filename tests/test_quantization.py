@@ -197,3 +197,32 @@ def test_quantized_blocks_take_the_memory_they_should(mode, largest_share, tmp_p
     assert blocks_that_fit(checkpoint, torch.float32, budget, 100, mode) == 2
     with pytest.raises(DoesNotFitError):  # not even one block in float32
         blocks_that_fit(checkpoint, torch.float32, budget, 100)
+
+
+def test_a_checkpoint_stored_in_nf4_is_served_as_it_is(tiny_llama, bootstrap, tmp_path):
+    """A checkpoint that transformers saved quantized (bitsandbytes NF4) is served as stored, each peer reading
+    only its blocks' tensors, and generates what local transformers loading that checkpoint generates."""
+    stored = tmp_path / "nf4"
+    local_quantized(tiny_llama, "nf4").save_pretrained(stored)
+    refused = subprocess.run([sys.executable, "-m", "peer.cli", "serve", str(stored), "--blocks", "0:2", "--new-swarm",
+                              "--quant", "int8"], capture_output=True, text=True, timeout=60)
+    assert refused.returncode != 0
+    assert refused.stderr.strip().splitlines() == ["Error: the checkpoint is stored in nf4: it cannot be served with --quant int8"]
+
+    handles = start_peers(stored, bootstrap, ["0:2", "2:4"])
+    try:
+        assert all(handle.compute.startswith("float32, nf4 weights") for handle in handles)
+        local = without_cpu_repacking(LlamaForCausalLM.from_pretrained(stored, device_map="cpu").eval())
+        model = AutoDistributedModelForCausalLM.from_pretrained(
+            stored, initial_peers=[bootstrap], allowed_peers=tuple(handle.peer_id for handle in handles)
+        )
+        try:
+            assert {hop.peer.record.quantization for hop in model.remote.view.chain()} == {"nf4"}
+            inputs = byte_tokenizer()(["Stored quantized"], return_tensors="pt")
+            options = dict(max_new_tokens=16, do_sample=False)
+            assert torch.equal(model.generate(**inputs, **options), local.generate(**inputs, **options))
+        finally:
+            model.close()
+    finally:
+        for handle in handles:
+            handle.process.stop()
