@@ -102,6 +102,25 @@ def test_lora_trains_through_quantized_peers_as_local_peft_does(mode, tiny_llama
         model.close()
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (bitsandbytes' and torchao's GPU kernels)")
+@pytest.mark.parametrize("mode", sorted(CHAINS))
+def test_quantized_peers_on_a_gpu_give_local_quantized_tokens(mode, tiny_llama, bootstrap):
+    [handle] = start_peers(tiny_llama, bootstrap, ["0:4"], "--device", "cuda", "--quant", mode)
+    try:
+        config = transformers_config(mode, torch.float32)
+        local = LlamaForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32, device_map="cuda", quantization_config=config)
+        model = swarm_model(tiny_llama, bootstrap, {"gpu": handle}, ("gpu",))
+        try:
+            inputs = byte_tokenizer()(["On a GPU"], return_tensors="pt")
+            options = dict(max_new_tokens=16, do_sample=False)
+            expected = local.eval().generate(**inputs.to("cuda"), **options).cpu()
+            assert torch.equal(model.generate(**inputs.to("cpu"), **options), expected)
+        finally:
+            model.close()
+    finally:
+        handle.process.stop()
+
+
 def test_the_quantization_is_announced_and_clients_choose_by_it(tiny_llama, bootstrap, peers, connect):
     dht = swarm_dht(initial_peers=[bootstrap], client_mode=True, start=True)[0]
     try:
