@@ -65,13 +65,13 @@ def blocks_that_fit(
 ) -> int:
     """How many blocks, each with `cache_tokens` of KV cache (kept in `dtype` whatever the weights' quantization),
     fit in `budget_bytes` (at most the whole model)."""
-    weights = block_bytes(checkpoint, dtype, quantization)
-    per_block = weights + cache_tokens * cache_bytes_per_token(checkpoint.config, dtype)
+    per_block = block_bytes(checkpoint, dtype, quantization) + cache_tokens * cache_bytes_per_token(checkpoint.config, dtype)
     count = min(budget_bytes // per_block, checkpoint.config.num_hidden_layers)
     if count < 1:
+        stored = "" if quantization == "none" else f" with {quantization} weights"
         raise DoesNotFitError(
             f"one block of {checkpoint.path.name} with {cache_tokens} tokens of cache needs {human_bytes(per_block)} "
-            f"in {DTYPE_NAMES[dtype]}{'' if quantization == 'none' else ' with ' + quantization + ' weights'}, but only {human_bytes(budget_bytes)} may be used; free memory, raise --max-memory or "
-            "lower --cache-tokens"
+            f"in {DTYPE_NAMES[dtype]}{stored}, but only {human_bytes(budget_bytes)} may be used; free memory, raise "
+            "--max-memory or lower --cache-tokens"
         )
     return int(count)
