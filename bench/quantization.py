@@ -18,7 +18,6 @@ import statistics
 import tempfile
 
 import torch
-from transformers import LlamaForCausalLM
 
 from bench.common import add_model_arguments, interleaved_timings, model_config, rates
 from bench.results import Result, save_json, table
@@ -31,7 +30,7 @@ from swarm.blocks import BlockSpan
 from swarm.checkpoint import Checkpoint
 from swarm.checkpoint_maker import byte_tokenizer, save_random_checkpoint
 from swarm.constants import QUANTIZATIONS
-from swarm.quantization import stored_bytes, transformers_config, without_cpu_repacking
+from swarm.quantization import local_reference, stored_bytes
 
 DEMO_MODEL = os.path.join(os.path.dirname(__file__), "..", "examples", "demo_model")
 HELD_OUT_MODULES = [
@@ -40,12 +39,6 @@ HELD_OUT_MODULES = [
 ]
 TARGET_SHARE = {"int8": 0.55, "nf4": 0.30}  # of a bfloat16 block's bytes
 CORES = os.cpu_count() or 1
-
-
-def local_model(path: str, mode: str, dtype: torch.dtype = torch.float32) -> LlamaForCausalLM:
-    """The checkpoint in local transformers, quantized as peers quantize with `mode`."""
-    model = LlamaForCausalLM.from_pretrained(path, dtype=dtype, device_map="cpu", quantization_config=transformers_config(mode, dtype))
-    return without_cpu_repacking(model.eval())
 
 
 def memory(folder: str, budget: int, cache_tokens: int) -> list[Result]:
@@ -78,7 +71,7 @@ def decode(args: argparse.Namespace, folder: str) -> list[Result]:
             clients[mode] = AutoDistributedModelForCausalLM.from_pretrained(
                 folder, initial_peers=[bootstrap], allowed_peers=(peer.peer_id,)
             )
-        locals_ = {mode: local_model(folder, mode) for mode in QUANTIZATIONS}
+        locals_ = {mode: local_reference(folder, mode) for mode in QUANTIZATIONS}
         same = {mode: torch.equal(clients[mode].generate(prompt, **options), locals_[mode].generate(prompt, **options))
                 for mode in QUANTIZATIONS}
         functions = {}
@@ -112,7 +105,7 @@ def perplexity() -> list[Result]:
     windows = ids[: len(ids) // 256 * 256].view(-1, 256)[:64]
     figures = {}
     for mode in QUANTIZATIONS:
-        model = local_model(DEMO_MODEL, mode)
+        model = local_reference(DEMO_MODEL, mode)
         with torch.no_grad():
             losses = [model(input_ids=window[None], labels=window[None]).loss.item() for window in windows]
         figures[mode] = float(torch.tensor(losses).mean().exp())

@@ -17,6 +17,9 @@ a linear layer (e.g. fused MoE expert tensors) stay in the peer's dtype. Gradien
 layers to their inputs (the weights stay frozen), so prompts and LoRA train on a quantized swarm.
 """
 
+import functools
+from collections.abc import Callable
+
 import torch
 from torch import nn
 
@@ -80,11 +83,8 @@ def load_serialized_nf4(block: nn.Module, block_prefix: str, tensors: dict[str, 
             continue
         weight = f"{block_prefix}{name}.weight"
         stats = {key[len(weight) + 1 :]: value for key, value in tensors.items() if key.startswith(weight + ".")}
-        quantized = _empty_nf4_linear(module, compute_dtype)
-        quantized.weight = bnb.nn.Params4bit.from_prequantized(tensors[weight], stats, device=device, module=quantized)
-        if module.bias is not None:
-            quantized.bias = nn.Parameter(module.bias.data, requires_grad=False)
-        block.set_submodule(name, without_cpu_repacking(quantized).requires_grad_(False))
+        stored = functools.partial(bnb.nn.Params4bit.from_prequantized, tensors[weight], stats, device=device)
+        block.set_submodule(name, _nf4_linear(module, compute_dtype, lambda layer: stored(module=layer)))
 
 
 def quantize_block(block: nn.Module, mode: str, compute_dtype: torch.dtype) -> None:
@@ -96,34 +96,32 @@ def quantize_block(block: nn.Module, mode: str, compute_dtype: torch.dtype) -> N
     elif mode == "nf4":
         for name, module in list(block.named_modules()):
             if type(module) is nn.Linear:
-                block.set_submodule(name, _nf4_linear(module, compute_dtype))
+                block.set_submodule(name, _nf4_linear(module, compute_dtype, functools.partial(_quantized_nf4, module)))
     elif mode != "none":
         check_quantization(mode)
 
 
-def _nf4_linear(linear: nn.Linear, compute_dtype: torch.dtype) -> nn.Module:
+def _nf4_linear(linear: nn.Linear, compute_dtype: torch.dtype, weight: Callable[[nn.Module], nn.Parameter]) -> nn.Module:
     """What transformers' bitsandbytes integration makes of `linear` for load_in_4bit with nf4 (single quantization:
-    its default), built the same way so that both quantize identically."""
-    with quiet_imports():
-        import bitsandbytes as bnb
-    quantized = _empty_nf4_linear(linear, compute_dtype)
-    device = linear.weight.device
-    quantized.weight = bnb.nn.Params4bit(linear.weight.data, requires_grad=False, **quantized.weight.__dict__).to(device)
-    if linear.bias is not None:
-        quantized.bias = nn.Parameter(linear.bias.data, requires_grad=False)
-    without_cpu_repacking(quantized)
-    return quantized.requires_grad_(False)
-
-
-def _empty_nf4_linear(linear: nn.Linear, compute_dtype: torch.dtype) -> nn.Module:
-    """A bitsandbytes 4-bit NF4 layer of `linear`'s shape, on the meta device, for its weights to be set."""
+    its default), built the same way; `weight(layer)` gives the new layer its 4-bit weight."""
     with quiet_imports():
         import bitsandbytes as bnb
     with torch.device("meta"):
-        return bnb.nn.Linear4bit(
+        quantized = bnb.nn.Linear4bit(
             linear.in_features, linear.out_features, linear.bias is not None, compute_dtype,
             compress_statistics=False, quant_type="nf4", quant_storage=torch.uint8,
         )
+    quantized.weight = weight(quantized)
+    if linear.bias is not None:
+        quantized.bias = nn.Parameter(linear.bias.data, requires_grad=False)
+    return without_cpu_repacking(quantized).requires_grad_(False)
+
+
+def _quantized_nf4(linear: nn.Linear, layer: nn.Module) -> nn.Parameter:
+    """`linear`'s float weight quantized for `layer` (an empty `_nf4_linear`), as transformers quantizes it."""
+    with quiet_imports():
+        import bitsandbytes as bnb
+    return bnb.nn.Params4bit(linear.weight.data, requires_grad=False, **layer.weight.__dict__).to(linear.weight.device)
 
 
 def without_cpu_repacking(module: nn.Module) -> nn.Module:
@@ -156,6 +154,17 @@ def transformers_config(mode: str, dtype: torch.dtype):
             from torchao.quantization import Int8WeightOnlyConfig
         return TorchAoConfig(Int8WeightOnlyConfig())
     return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=dtype)
+
+
+def local_reference(path: str, mode: str, dtype: torch.dtype = torch.float32, device_map: str = "cpu") -> nn.Module:
+    """The checkpoint in local `transformers`, quantized as peers with `mode` quantize their blocks (and, like them,
+    without bitsandbytes' CPU repacking): what tests and benchmarks compare a quantized swarm with."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(
+        path, dtype=dtype, device_map=device_map, quantization_config=transformers_config(mode, dtype)
+    )
+    return without_cpu_repacking(model.eval())
 
 
 def quantized_bytes(block: nn.Module, mode: str, dtype: torch.dtype) -> int:

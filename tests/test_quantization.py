@@ -20,7 +20,7 @@ from swarm.checkpoint_maker import byte_tokenizer, save_random_checkpoint, tiny_
 from swarm.dht_node import swarm_dht
 from swarm.dht_records import fetch_peer_spans
 from swarm.errors import MissingBlocksError
-from swarm.quantization import quantized_bytes, stored_bytes, transformers_config, without_cpu_repacking
+from swarm.quantization import local_reference, quantized_bytes, stored_bytes, without_cpu_repacking
 from swarm.wire import swarm_peer_pb2 as pb
 from swarm.wire import swarm_peer_pb2_grpc as pb_grpc
 from tests.test_training import LORA, batch, close_relative, local_lora_model, run_local_blocks
@@ -39,14 +39,6 @@ def peers(tiny_llama, bootstrap):
         handle.process.stop()
 
 
-def local_quantized(path: str, mode: str) -> LlamaForCausalLM:
-    """The checkpoint in local transformers, quantized as peers with `mode` quantize (and, like them, without
-    bitsandbytes' CPU repacking: see `without_cpu_repacking`)."""
-    config = transformers_config(mode, torch.float32)
-    model = LlamaForCausalLM.from_pretrained(path, dtype=torch.float32, device_map="cpu", quantization_config=config)
-    return without_cpu_repacking(model.eval())
-
-
 def swarm_model(path: str, bootstrap: str, peers: dict, names, **options):
     allowed = tuple(peers[name].peer_id for name in names)
     return AutoDistributedModelForCausalLM.from_pretrained(path, initial_peers=[bootstrap], allowed_peers=allowed, **options)
@@ -54,7 +46,7 @@ def swarm_model(path: str, bootstrap: str, peers: dict, names, **options):
 
 @pytest.mark.parametrize("mode", sorted(CHAINS))
 def test_quantized_peers_give_local_quantized_tokens_and_gradients(mode, tiny_llama, bootstrap, peers, reference):
-    local = local_quantized(tiny_llama, mode)
+    local = local_reference(tiny_llama, mode)
     inputs = byte_tokenizer()(["Quantized blocks", "hi"], return_tensors="pt", padding=True)
     model = swarm_model(tiny_llama, bootstrap, peers, CHAINS[mode])
     try:
@@ -89,7 +81,7 @@ def test_lora_trains_through_quantized_peers_as_local_peft_does(mode, tiny_llama
         with torch.no_grad():  # B starts at zero (as in peft): non-zero, every gradient matters
             for lora_b in model.lora.lora_B:
                 lora_b.normal_(0, 0.1)
-        local = local_lora_model(local_quantized(tiny_llama, mode), model)
+        local = local_lora_model(local_reference(tiny_llama, mode), model)
         ids, labels = batch(seed=1)
         model(input_ids=ids, labels=labels).loss.backward()
         local(input_ids=ids, labels=labels).loss.backward()
@@ -107,13 +99,12 @@ def test_lora_trains_through_quantized_peers_as_local_peft_does(mode, tiny_llama
 def test_quantized_peers_on_a_gpu_give_local_quantized_tokens(mode, tiny_llama, bootstrap):
     [handle] = start_peers(tiny_llama, bootstrap, ["0:4"], "--device", "cuda", "--quant", mode)
     try:
-        config = transformers_config(mode, torch.float32)
-        local = LlamaForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32, device_map="cuda", quantization_config=config)
+        local = local_reference(tiny_llama, mode, device_map="cuda")
         model = swarm_model(tiny_llama, bootstrap, {"gpu": handle}, ("gpu",))
         try:
             inputs = byte_tokenizer()(["On a GPU"], return_tensors="pt")
             options = dict(max_new_tokens=16, do_sample=False)
-            expected = local.eval().generate(**inputs.to("cuda"), **options).cpu()
+            expected = local.generate(**inputs.to("cuda"), **options).cpu()
             assert torch.equal(model.generate(**inputs.to("cpu"), **options), expected)
         finally:
             model.close()
@@ -172,7 +163,7 @@ def test_a_replacement_stores_its_weights_as_the_peer_it_replaces(tiny_llama, bo
     over and the tokens are local nf4's. When the last nf4 peer of those blocks dies too, the exact one takes over
     and the session says its weights changed."""
     first, spare = start_peers(tiny_llama, bootstrap, ["0:2", "0:2"], "--quant", "nf4")
-    local = local_quantized(tiny_llama, "nf4")
+    local = local_reference(tiny_llama, "nf4")
     inputs = byte_tokenizer()(["Replacing"], return_tensors="pt")
     model = swarm_model(tiny_llama, bootstrap, {"first": first, "nf4-b": peers["nf4-b"]}, ("first", "nf4-b"),
                         ban_seconds=600)
@@ -222,7 +213,7 @@ def test_a_checkpoint_stored_in_nf4_is_served_as_it_is(tiny_llama, bootstrap, tm
     """A checkpoint that transformers saved quantized (bitsandbytes NF4) is served as stored, each peer reading
     only its blocks' tensors, and generates what local transformers loading that checkpoint generates."""
     stored = tmp_path / "nf4"
-    local_quantized(tiny_llama, "nf4").save_pretrained(stored)
+    local_reference(tiny_llama, "nf4").save_pretrained(stored)
     refused = subprocess.run([sys.executable, "-m", "peer.cli", "serve", str(stored), "--blocks", "0:2", "--new-swarm",
                               "--quant", "int8"], capture_output=True, text=True, timeout=60)
     assert refused.returncode != 0
