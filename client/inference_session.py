@@ -120,6 +120,28 @@ def _record(timeline: HopTimeline, inputs: torch.Tensor, outputs: torch.Tensor, 
     )
 
 
+def _cut_history(history: list[tuple[torch.Tensor, pb.InferenceStep]], tokens: int) -> list:
+    """A hop's replay history without its tokens from `tokens` on (rolled back: rejected draft tokens), so that a
+    replacement peer replays only what the cache holds. Every step in a cut history follows on from the one before
+    (its start position, if any, is where that one ended), so tokens simply add up."""
+    kept, count = [], 0
+    for hidden_states, step_fields in history:
+        length = hidden_states.shape[1]
+        if count + length <= tokens:
+            kept.append((hidden_states, step_fields))
+            count += length
+            continue
+        if tokens > count:  # the step is cut in two: keep its first tokens, with their positions and mask
+            part = tokens - count
+            fields = pb.InferenceStep()
+            fields.CopyFrom(step_fields)
+            fields.position_ids.CopyFrom(tensors.encode(tensors.decode(step_fields.position_ids)[:, :part]))
+            fields.attention_mask.CopyFrom(tensors.encode(tensors.decode(step_fields.attention_mask)[:, :part]))
+            kept.append((hidden_states[:, :part], fields))
+        break
+    return kept
+
+
 def add_lora(message, hop: Hop, lora: dict, scaling: float, dtype: torch.dtype) -> None:
     """Puts the LoRA factors of the hop's blocks into a ForwardRequest or OpenSession."""
     for name, (lora_a, lora_b) in lora.items():
@@ -358,6 +380,7 @@ class InferenceSession:
             step_fields.beam_reorder.CopyFrom(tensors.encode(reorder))
         if start_position is not None:
             step_fields.start_position, step_fields.has_start_position = start_position, True
+            self._history = [_cut_history(history, start_position) for history in self._history]
         output = self._run_chain(hidden_states, step_fields)
         self.position = first + new_tokens
         self._steps_until_check -= 1

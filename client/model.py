@@ -33,7 +33,8 @@ MAX_REGENERATIONS = 3  # liars caught within one generate call before it gives u
 
 class RemotePastKeyValues(Cache):
     """Stands in for the KV cache, which lives on the peers: reports how many of the caller's tokens they hold
-    (trained prompts before them are not the caller's), forwards reorders."""
+    (trained prompts before them are not the caller's), forwards reorders and crops (assisted generation drops
+    the rejected draft tokens with `crop(-n)`: the peers roll back with the next step, no round trip of its own)."""
 
     def __init__(self, session: InferenceSession, num_prompt_tokens: int = 0):
         super().__init__(layers=[])
@@ -44,6 +45,19 @@ class RemotePastKeyValues(Cache):
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         self.session.reorder(beam_idx)
+
+    @property
+    def is_croppable(self) -> bool:
+        return True
+
+    def activate_past_recording(self) -> None:
+        """The peers keep every token until told to roll back: nothing to switch on."""
+
+    def crop(self, tokens_to_remove: int) -> None:
+        if tokens_to_remove > 0:
+            raise ValueError(f"crop takes minus the number of tokens to remove, got {tokens_to_remove}")
+        if tokens_to_remove < 0:
+            self.session.rewind(self.session.position + tokens_to_remove)
 
 
 class DistributedCausalLMMixin:
@@ -181,6 +195,8 @@ class DistributedCausalLMMixin:
             return super()._prepare_cache_for_generation(
                 generation_config, model_kwargs, generation_mode, batch_size, max_cache_length
             )
+        # prompt lookup drafts up to its number of tokens past max_length (transformers drops them after the check)
+        max_cache_length += generation_config.prompt_lookup_num_tokens or 0
         session = self._active_session
         if session is None:
             session = self._implicit_session = self._open_session(max_cache_length)

@@ -70,7 +70,8 @@ def model(tiny_llama, bootstrap, swarm):
 
 
 def generate_with_kill(model, swarm, inputs, options, rng) -> torch.Tensor:
-    killer = KillDuringGeneration(model, swarm, after_tokens=rng.randint(2, options["max_new_tokens"] - 2), rng=rng)
+    # stopping criteria run once per step; a speculative step may add several tokens, so the kill comes early
+    killer = KillDuringGeneration(model, swarm, after_tokens=rng.randint(2, 12), rng=rng)
     seed = options.pop("seed", None)
     if seed is not None:
         torch.manual_seed(seed)
@@ -85,6 +86,11 @@ SCENARIOS = {
     "sampling": (["Sampling"], dict(max_new_tokens=48, do_sample=True, temperature=0.9, top_k=50, seed=7), 2),
     "beam-search": (["Beams"], dict(max_new_tokens=32, num_beams=3, do_sample=False), 2),
     "batch-of-3": (["first prompt", "second", "a third one"], dict(max_new_tokens=32, do_sample=False), 2),
+    # speculative: draft tokens checked in one step, rejected ones rolled back; the replay holds only accepted ones
+    "prompt-lookup": (["ab ab ab ab ab"], dict(max_new_tokens=40, do_sample=False, prompt_lookup_num_tokens=4), 2),
+    "prompt-lookup-sampling": (
+        ["ab ab ab ab ab"], dict(max_new_tokens=40, do_sample=True, temperature=0.5, prompt_lookup_num_tokens=4, seed=3), 2
+    ),
 }
 
 
