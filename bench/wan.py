@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import functools
 import json
 import os
 import select
@@ -81,17 +82,44 @@ def client_main(spec: dict) -> None:
 
 
 def _generate(model, request: dict) -> dict:
+    """One greedy generation; request["options"] adds generate options (prompt_lookup_num_tokens=...) and
+    request["draft_layers"] a local draft model: the checkpoint's first blocks with its head (early exit)."""
+    from transformers import StoppingCriteriaList
+
     prompt = torch.tensor([request["prompt"]])
     options = dict(max_new_tokens=request["new_tokens"], min_new_tokens=request["new_tokens"], do_sample=False)
+    options.update(request.get("options", {}))
+    if request.get("draft_layers"):
+        options["assistant_model"] = early_exit_draft(model.config._name_or_path, request["draft_layers"])
     if request.get("logits"):
         options.update(output_logits=True, return_dict_in_generate=True)
+    steps = StepCounter()
     started = time.perf_counter()
-    output = model.generate(prompt, **options)
+    output = model.generate(prompt, stopping_criteria=StoppingCriteriaList([steps]), **options)
     seconds = time.perf_counter() - started
     if request.get("logits"):
         torch.save(torch.stack(output.logits).squeeze(1), request["logits"])
         output = output.sequences
-    return {"seconds": seconds, "tokens": output[0, prompt.shape[1]:].tolist()}
+    return {"seconds": seconds, "tokens": output[0, prompt.shape[1]:].tolist(), "steps": steps.calls}
+
+
+class StepCounter:
+    """A stopping criterion that never stops: generate calls it once per step through the model."""
+
+    def __init__(self):
+        self.calls = 0
+
+    def __call__(self, input_ids, scores, **kwargs) -> torch.Tensor:
+        self.calls += 1
+        return torch.zeros(input_ids.shape[0], dtype=torch.bool)
+
+
+@functools.cache
+def early_exit_draft(path: str, layers: int):
+    """A draft for assisted generation with no second model: the checkpoint's first `layers` blocks and its head."""
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(path, num_hidden_layers=layers).eval()
 
 
 def _reply(message: dict) -> None:
@@ -115,8 +143,9 @@ class Client:
             self.close()
             raise
 
-    def generate(self, model: str, prompt: list[int], new_tokens: int, logits: str | None = None) -> dict:
-        request = {"op": "generate", "model": model, "prompt": prompt, "new_tokens": new_tokens, "logits": logits}
+    def generate(self, model: str, prompt: list[int], new_tokens: int, logits: str | None = None, **extra) -> dict:
+        request = {"op": "generate", "model": model, "prompt": prompt, "new_tokens": new_tokens, "logits": logits,
+                   **extra}
         self.process.stdin.write((json.dumps(request) + "\n").encode())
         self.process.stdin.flush()
         answer = self._read()
@@ -169,6 +198,7 @@ class Timings:
     seconds: list[float]
     bytes: list[int]
     tokens: list[int]
+    steps: int = 0  # steps through the model in the last run (fewer than tokens when speculating)
 
     @property
     def median(self) -> float:
@@ -190,6 +220,7 @@ def turns(functions: dict[str, Callable[[], dict]], repeats: int) -> dict[str, T
             runs[name].seconds.append(result["seconds"])
             runs[name].bytes.append(result.get("bytes", 0))
             runs[name].tokens = result["tokens"]
+            runs[name].steps = result.get("steps", 0)
     return runs
 
 

@@ -1,0 +1,136 @@
+"""Speculative decoding through the swarm on the multi-host bed, against local transformers in the same run (root).
+
+    python -m bench.speculative [--delay-ms 20] [--mbit 100] [--new-tokens 48] [--repeats 3] [--peers 2,4]
+        [--lookup 4] [--draft-layers 1] [--json FILE]
+
+The model is the built-in demo model (examples/demo_model: trained, so drafts can be right; 4 blocks). Hosts,
+bandwidth caps and the delaying forwarders are bench.wan's: a step pushed from peer to peer crosses hops + 1 delays.
+For 2 and 4 peers, greedy decoding of the same prompt three ways: plain, prompt lookup (--lookup draft tokens from
+the text so far) and an early-exit draft (the model's first --draft-layers blocks and head, held by the client).
+Figures: tokens/s, ms/token against the round-trip floor ((hops + 1) x delay per step, divided by the tokens a step
+brings), tokens per step (1 + accepted draft tokens), and whether the tokens equal local transformers'.
+--delay-ms 0 gives the same on the bed without delay (a loopback-like figure).
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import signal
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from transformers import StoppingCriteriaList
+
+from bench.results import Result, save_json, table
+from bench.wan import PEER_HOSTS, Bench, StepCounter, early_exit_draft, turns
+
+DEMO_MODEL = Path(__file__).resolve().parents[1] / "examples" / "demo_model"
+PROMPT = "def add(a, b):\n    return a + b\n\ndef sub(a, b):\n    return a - b\n\ndef mul(a, b):\n"
+
+
+def local_run(local, draft, prompt: list[int], new_tokens: int, mode: str, lookup: int) -> dict:
+
+    options = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
+    if mode == "lookup":
+        options["prompt_lookup_num_tokens"] = lookup
+    elif mode == "draft":
+        options["assistant_model"] = draft
+    steps = StepCounter()
+    started = time.perf_counter()
+    with torch.inference_mode():
+        output = local.generate(torch.tensor([prompt]), stopping_criteria=StoppingCriteriaList([steps]), **options)
+    return {"seconds": time.perf_counter() - started, "tokens": output[0, len(prompt):].tolist(), "steps": steps.calls}
+
+
+def speculation(bench: Bench, args, draft, prompt: list[int], count: int, lines: list[str]) -> None:
+    new = args.new_tokens
+    print(f"[{count} peers, {args.delay_ms:g} ms one way, {args.mbit:g} Mbit/s] starting peers", flush=True)
+    handles = bench.delayed_peers(count)
+    client = bench.client({"swarm": {"allowed_peers": [h.peer_id for h in handles], "peer_to_peer": True}},
+                          f"speculative{count}")
+    extra = {"plain": {}, "lookup": {"options": {"prompt_lookup_num_tokens": args.lookup}},
+             "draft": {"draft_layers": args.draft_layers}}
+    try:
+        functions = {}
+        for mode in extra:
+            functions[f"local {mode}"] = lambda mode=mode: local_run(bench.local, draft, prompt, new, mode, args.lookup)
+            functions[mode] = lambda mode=mode: client.generate("swarm", prompt, new, **extra[mode])
+        runs = turns(functions, args.repeats)
+    finally:
+        client.close()
+        bench.stop_peers(handles)
+    plain_ms = runs["plain"].median / new * 1e3
+    for mode in extra:
+        timing, local = runs[mode], runs[f"local {mode}"]
+        ms = timing.median / new * 1e3
+        per_step = new / max(timing.steps, 1)
+        floor = (count + 1) * args.delay_ms / per_step
+        same = timing.tokens == runs["local plain"].tokens
+        bench.results.append(Result(
+            f"speculative, {count} peers, {mode}", "tokens/s", new / timing.median, new / local.median,
+            detail=f"{ms:.1f} ms/token [{timing.span(1e3 / new)}], {per_step:.2f} tokens/step, round-trip floor "
+                   f"{floor:.1f} ms/token, {plain_ms / ms:.2f}x plain swarm decode, same tokens: {same}",
+        ))
+        print(f"  {bench.results[-1].metric}: {bench.results[-1].detail}", flush=True)
+        lines.append(f"| {count} | {mode} | {new / timing.median:.2f} | {ms:.1f} [{timing.span(1e3 / new)}] | "
+                     f"{per_step:.2f} | {floor:.1f} | {plain_ms / ms:.2f}x | {local.median / new * 1e3:.1f} | {same} |")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(prog="python -m bench.speculative", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--delay-ms", type=float, default=20.0, help="one-way delay into each peer host")
+    parser.add_argument("--mbit", type=float, default=100.0, help="every host's egress")
+    parser.add_argument("--new-tokens", type=int, default=48)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--peers", default="2,4", help="peer counts (dividing the demo model's 4 blocks)")
+    parser.add_argument("--lookup", type=int, default=4, help="prompt lookup's draft tokens")
+    parser.add_argument("--draft-layers", type=int, default=1, help="blocks of the early-exit draft")
+    parser.add_argument("--json", default="")
+    args = parser.parse_args()
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    from tests.netbed import NetBed, available
+
+    reason = available()
+    if reason is not None:
+        print(f"no network test bed here ({reason}); nothing measured")
+        return
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    args.layers, args.prefill_tokens, args.compression_mbit = 4, 0, 0  # what bench.wan's Bench reads
+    torch.set_num_threads(1)  # as each peer computes
+    with tempfile.TemporaryDirectory() as folder:
+        for file in DEMO_MODEL.iterdir():
+            shutil.copy(file, folder)
+        local = AutoModelForCausalLM.from_pretrained(folder).eval()
+        draft = early_exit_draft(folder, args.draft_layers)
+        prompt = AutoTokenizer.from_pretrained(folder)(PROMPT)["input_ids"]
+        print(f"demo model, {len(prompt)}-token prompt, {args.new_tokens} new tokens greedy, lookup {args.lookup}, "
+              f"draft {args.draft_layers} block(s); {args.repeats} repeats in turns", flush=True)
+        lines: list[str] = []
+        with NetBed(public=["boot", *PEER_HOSTS, "e", "client"], home=["home"]) as bed:
+            bench = Bench(args, bed, folder, local, Path(folder))
+            try:
+                bench.start()
+                bench.limit_all(args.mbit)
+                for count in [int(n) for n in args.peers.split(",") if n]:
+                    speculation(bench, args, draft, prompt, count, lines)
+            finally:
+                bench.close()
+    print()
+    print(table(bench.results))
+    print(f"\n{args.delay_ms:g} ms one way into each peer host, {args.mbit:g} Mbit/s:\n")
+    print("| peers | mode | tokens/s | ms/token [min-max] | tokens/step | round-trip floor ms/token | vs plain | "
+          "local ms/token | same tokens |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|---|")
+    print("\n".join(lines))
+    if args.json:
+        save_json(bench.results, args.json)
+
+
+if __name__ == "__main__":
+    main()
