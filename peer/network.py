@@ -25,6 +25,7 @@ from swarm.net.addresses import (
     is_public_maddr,
     is_unspecified,
     join_host_port,
+    split_host_port,
     swarm_is_local,
     tcp_maddr,
 )
@@ -64,6 +65,17 @@ class NetworkPlan:
     relay_listener: RelayListener | None = None
     helps_others: bool = False  # answer dial-backs and relay (we are reachable)
     notes: list[str] = field(default_factory=list)
+
+    def move_to_port(self, port: int) -> None:
+        """Listen on `port` instead (the one picked was taken before the server bound it); the announced address
+        follows when it named the old port."""
+        old, self.port = self.port, port
+        if self.address:
+            host, announced = split_host_port(self.address)
+            if announced == old:
+                self.address = join_host_port(host, port)
+        if self.relay_listener is not None:
+            self.relay_listener.local_port = port
 
 
 async def plan_network(options: NetworkOptions, key: RSAPrivateKey, tls: TLSIdentity) -> NetworkPlan:

@@ -34,7 +34,7 @@ from swarm.coverage import block_throughputs
 from swarm.dht_records import PeerSpan, ServerRecord, ServerState, fetch_peer_spans
 from swarm.families import family_for
 from swarm.identity import identity_of, load_or_create_key, own_subkey
-from swarm.net.addresses import join_host_port, split_host_port
+from swarm.net.addresses import free_port, join_host_port, split_host_port
 from swarm.net.endpoints import server_credentials
 from swarm.net.tls import TLSIdentity
 from swarm.quantization import serving_quantization
@@ -44,6 +44,7 @@ from swarm.wire import swarm_peer_pb2_grpc as pb_grpc
 logger = logging.getLogger(__name__)
 
 OFFLINE_ANNOUNCE_TIMEOUT = 5.0
+PORT_PICK_ATTEMPTS = 5  # picks of a free data-plane port before giving up
 
 
 @dataclass
@@ -168,8 +169,7 @@ class Peer:
         pb_grpc.add_SwarmPeerServicer_to_server(self.servicer, self.server)
         if self.helpers is not None:
             self.helpers.add_to(self.server)
-        listen = join_host_port(self.network.listen_host, self.network.port)
-        self.server.add_secure_port(listen, server_credentials(self.tls.certificate, self.tls.private_key_pem))
+        self._bind_data_plane(config.network.port)
         await self.server.start()
         self.background.append(asyncio.create_task(self._ping_forever()))
         if self.helpers is not None:
@@ -215,6 +215,21 @@ class Peer:
             await self.helpers.stop()
         if self.network is not None:
             self.network.dht.shutdown()
+
+    def _bind_data_plane(self, requested_port: int) -> None:
+        """Binds the gRPC server. A port this peer picked itself can be taken by another process before the bind
+        (it was free when picked): then another is picked, a few times; a port the operator asked for is not."""
+        credentials = server_credentials(self.tls.certificate, self.tls.private_key_pem)
+        for attempt in range(PORT_PICK_ATTEMPTS):
+            try:
+                self.server.add_secure_port(join_host_port(self.network.listen_host, self.network.port), credentials)
+                return
+            except RuntimeError:
+                if requested_port or attempt == PORT_PICK_ATTEMPTS - 1:
+                    raise OSError(f"cannot listen on {self.network.listen_host}:{self.network.port}: the address is "
+                                  "in use (another process holds that port?)") from None
+                logger.info(f"port {self.network.port} was taken before this peer bound it; picking another")
+                self.network.move_to_port(free_port(self.network.listen_host))
 
     def _moved_relay(self, relay: str) -> None:
         """Our relay went away and we registered with another: the swarm must know at once."""
