@@ -284,6 +284,13 @@ class DistributedCausalLMMixin:
         finally:
             self._active_session = previous
 
+    def save_lora(self, path: str | Path) -> Path:
+        """Saves this model's client-owned LoRA as a peft adapter folder: load it with peft, or host it on peers with
+        `swarm-peer serve --adapters NAME=PATH`."""
+        if self.lora is None:
+            raise SwarmError("this model trains no LoRA (tuning_mode='lora' gives it one)")
+        return self.lora.save_peft(path, self.name_or_path)
+
     def close(self) -> None:
         """Leave the swarm: close connections and this client's DHT node."""
         self.remote.close()

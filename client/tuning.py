@@ -1,8 +1,10 @@
 """What a client trains on top of frozen remote blocks: prompts, deep prompts, LoRA factors (peft's naming)."""
 
 import math
+from pathlib import Path
 
 import torch
+from safetensors.torch import save_file
 from torch import nn
 from transformers import PretrainedConfig
 
@@ -38,7 +40,8 @@ class RemoteLoRA(nn.Module):
 
     def __init__(self, family: Family, config: PretrainedConfig, rank: int, alpha: float, target_modules: list[str], dtype: torch.dtype):
         super().__init__()
-        self.layers_prefix, self.rank, self.scaling = family.layers_prefix, rank, alpha / rank
+        self.layers_prefix, self.rank, self.alpha, self.scaling = family.layers_prefix, rank, alpha, alpha / rank
+        self.target_modules = list(target_modules)
         layer = meta_model(family, config, 1).get_submodule(family.layers_prefix)[0]
         targets = [
             (name, module) for name, module in layer.named_modules()
@@ -69,6 +72,20 @@ class RemoteLoRA(nn.Module):
             state[self.peft_name(name, "lora_A")] = lora_a.detach().clone()
             state[self.peft_name(name, "lora_B")] = lora_b.detach().clone()
         return state
+
+    def save_peft(self, path: str | Path, base_model: str = "") -> Path:
+        """Writes the factors as a peft adapter folder (adapter_config.json, adapter_model.safetensors), which
+        `peft.PeftModel.from_pretrained` and `swarm-peer serve --adapters` read."""
+        from peft import LoraConfig  # here: peft costs 1.5 s of imports, and only this needs it
+
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        config = LoraConfig(r=self.rank, lora_alpha=self.alpha, target_modules=self.target_modules, lora_dropout=0.0,
+                            base_model_name_or_path=base_model or None)
+        config.save_pretrained(str(path))
+        state = {name: tensor.contiguous() for name, tensor in self.peft_state_dict().items()}
+        save_file(state, str(path / "adapter_model.safetensors"), metadata={"format": "pt"})
+        return path
 
     def load_peft_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         with torch.no_grad():

@@ -7,6 +7,8 @@ DEFAULT_MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 
 # DHT key that lists the models the swarm serves (subkey: model prefix).
 MODEL_INDEX_KEY = "_swarm.models"
+# DHT key that lists the collaborative training runs (subkey: run name); see swarm/training_runs.py.
+TRAINING_RUNS_KEY = "_swarm.training_runs"
 
 DEFAULT_ANNOUNCE_PERIOD = 30.0
 
