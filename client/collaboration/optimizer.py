@@ -18,6 +18,7 @@ import hivemind
 import torch
 from hivemind.optim import optimizer as hivemind_optimizer
 from hivemind.optim.progress_tracker import ProgressTracker
+from hivemind.utils import get_dht_time
 from hivemind.utils.crypto import RSAPrivateKey
 from torch import nn
 from tqdm import tqdm
@@ -47,7 +48,10 @@ class CollaborationError(SwarmError):
 
 
 class _HoldingTracker(ProgressTracker):
-    """hivemind's progress tracker, which can hold the epoch for the target batch size (see wait_for_epoch)."""
+    """hivemind's progress tracker, which can hold the epoch for the target batch size (see wait_for_epoch), and
+    which never arranges an averaging round ahead of the epoch's end: a round arranged ahead gathers the members that
+    were in matchmaking by then and leaves out one that finishes its batch later (it then steps alone, on its own
+    gradients). Each round is matched once the step is due, by every member within one refresh of the others."""
 
     holding = False
 
@@ -60,9 +64,7 @@ class _HoldingTracker(ProgressTracker):
 
     @property
     def estimated_next_update_time(self) -> float:
-        if self.holding and not self.ready_to_update_epoch:
-            return float("inf")  # no averaging round arranged ahead by the estimate: it would leave members out
-        return super().estimated_next_update_time
+        return get_dht_time() if self.ready_to_update_epoch else float("inf")
 
 
 class _CheckedHivemindOptimizer(hivemind.Optimizer):
@@ -103,7 +105,10 @@ class CollaborativeOptimizer:
     parameters themselves. `optimizer`: builds the torch optimizer from a list of parameters, e.g.
     `lambda params: torch.optim.AdamW(params, lr=1e-3)`; every member must use the same one. `host` / `announce_host`:
     where this member's DHT node listens and what it announces (default: loopback for a swarm on this machine, else
-    all interfaces); the other members must reach it. `hivemind_options` go to hivemind.Optimizer as they are.
+    all interfaces); the other members must reach it. `matchmaking_time`: seconds the members have to find each other
+    for each averaging round, once the step is due; it must exceed how far apart they notice that (a refresh of the
+    DHT, up to a second on a loaded machine), and each epoch costs about that long. `hivemind_options` go to
+    hivemind.Optimizer as they are.
     """
 
     def __init__(
