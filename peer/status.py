@@ -9,6 +9,7 @@ from rich.table import Table
 from rich.text import Text
 
 from swarm.swarm_state import ModelView, SwarmSnapshot
+from swarm.training_runs import RunProgress
 
 HEALTH_STYLES = {"healthy": "green", "gaps": "bold red", "down": "bold red", "degraded": "bold red", "empty": "yellow"}
 
@@ -71,6 +72,17 @@ def print_model(model: ModelView, console: Console) -> None:
     console.print(peers_table(model))
 
 
+def training_table(runs: list[RunProgress]) -> Table:
+    table = Table(box=box.SIMPLE_HEAD, padding=(0, 1), title="collaborative training", title_justify="left")
+    for column in ("run", "model", "epoch", "samples", "members", "samples/s", "parameters"):
+        table.add_column(column, justify="left" if column in ("run", "model") else "right", no_wrap=True)
+    for run in runs:
+        table.add_row(run.record.name, run.record.model, str(run.epoch),
+                      f"{run.samples_accumulated:,}/{run.record.target_batch_size:,}", str(run.num_peers),
+                      f"{run.samples_per_second:,.1f}", f"{run.record.parameters:,}")
+    return table
+
+
 def print_status(snapshot: SwarmSnapshot, console: Console) -> None:
     taken = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(snapshot.taken_at))
     console.print(Text.assemble(f"swarm at {taken}: {len(snapshot.models)} model(s), ",
@@ -79,3 +91,6 @@ def print_status(snapshot: SwarmSnapshot, console: Console) -> None:
         console.print("no model is announced: start peers with `swarm-peer serve` or `volunteer join`")
     for model in snapshot.models:
         print_model(model, console)
+    if snapshot.training:
+        console.print()
+        console.print(training_table(snapshot.training))

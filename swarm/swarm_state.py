@@ -4,10 +4,11 @@
 """
 
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 from swarm.coverage import block_servers, block_throughputs
 from swarm.dht_records import PeerSpan, ServerState, fetch_models, fetch_peer_spans
+from swarm.training_runs import RunProgress, fetch_run_progress, fetch_run_records
 
 
 @dataclass(frozen=True)
@@ -70,6 +71,7 @@ class ModelView:
 class SwarmSnapshot:
     taken_at: float  # unix time
     models: list[ModelView]
+    training: list[RunProgress] = field(default_factory=list)  # collaborative training runs
 
     @property
     def health(self) -> str:
@@ -77,7 +79,8 @@ class SwarmSnapshot:
         return "empty" if not healths else "healthy" if healths == {"healthy"} else "degraded"
 
     def to_dict(self) -> dict:
-        return {"taken_at": self.taken_at, "health": self.health, "models": [model.to_dict() for model in self.models]}
+        return {"taken_at": self.taken_at, "health": self.health, "models": [model.to_dict() for model in self.models],
+                "training": [asdict(run) for run in self.training]}
 
 
 def take_snapshot(dht) -> SwarmSnapshot:
@@ -90,4 +93,5 @@ def take_snapshot(dht) -> SwarmSnapshot:
             model.prefix, model.name, model.model_type, model.num_blocks, [PeerView.of(span) for span in spans],
             block_throughputs(online, model.num_blocks), block_servers(online, model.num_blocks),
         ))
-    return SwarmSnapshot(time.time(), models)
+    training = [fetch_run_progress(dht, record) for record in fetch_run_records(dht)]
+    return SwarmSnapshot(time.time(), models, training)

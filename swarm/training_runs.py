@@ -46,9 +46,12 @@ def parameter_schema(named: list[tuple[str, torch.Tensor]]) -> str:
     return hashlib.sha256(described.encode()).hexdigest()[:16]
 
 
-def store_run_record(dht: hivemind.DHT, record: RunRecord) -> None:
-    dht.store(TRAINING_RUNS_KEY, record.to_dict(), get_dht_time() + RUN_RECORD_TTL, subkey=record.name.encode(),
-              return_future=True)  # a renewal; nobody waits for it
+def store_run_record(dht: hivemind.DHT, record: RunRecord, wait: bool = False) -> None:
+    """Stores (or renews) the run's entry; without `wait`, in the background."""
+    stored = dht.store(TRAINING_RUNS_KEY, record.to_dict(), get_dht_time() + RUN_RECORD_TTL,
+                       subkey=record.name.encode(), return_future=True)
+    if wait:
+        stored.result()
 
 
 def fetch_run_records(dht: hivemind.DHT) -> list[RunRecord]:

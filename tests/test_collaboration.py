@@ -3,6 +3,7 @@ a real 2-peer swarm with client.collaboration.CollaborativeOptimizer; what they 
 run of transformers + peft on the union of their batches, step by step."""
 
 import copy
+import re
 import signal
 import time
 from pathlib import Path
@@ -10,9 +11,13 @@ from pathlib import Path
 import pytest
 import torch
 from peft import get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
+from rich.console import Console
 from safetensors.torch import load_file
 
 from peer.local_swarm import SwarmProcess, spawn_cli
+from peer.status import print_status
+from swarm.dht_node import swarm_dht
+from swarm.swarm_state import take_snapshot
 from tests.collab_client import LORA, make_optimizer, member_batch
 
 SPANS = {"first": "0:2", "second": "2:4"}
@@ -86,7 +91,7 @@ def epochs_of(members_rows: dict[int, dict[int, int]], vocab_size: int) -> list[
              if epoch in rows] for epoch in range(last + 1)]
 
 
-def test_members_train_like_one_local_run_on_the_union_of_their_batches(members, reference, tmp_path):
+def test_members_train_like_one_local_run_on_the_union_of_their_batches(members, reference, bootstrap, tmp_path):
     start_file = tmp_path / "go"
     processes = [members(member, [2, 2, 2], 6, "together", start_file=start_file) for member in range(3)]
     wait_all(processes, r"joined run")
@@ -100,6 +105,18 @@ def test_members_train_like_one_local_run_on_the_union_of_their_batches(members,
         for member in range(3):
             assert_same(state(tmp_path, member, epoch), local_state, f"member {member} after epoch {epoch}")
     assert (expected[-1]["base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight"] != 0).any()  # it trained
+    # the run as `swarm-peer status` and the dashboard show it (the members' last reports outlive them a while)
+    dht = swarm_dht(initial_peers=[bootstrap], client_mode=True, start=True)[0]
+    try:
+        snapshot = take_snapshot(dht)
+    finally:
+        dht.shutdown()
+    [run] = [run for run in snapshot.training if run.record.name == "together"]
+    assert (run.epoch, run.num_peers, run.record.target_batch_size) == (3, 3, 6)
+    assert run.record.parameters == sum(tensor.numel() for tensor in start.values())
+    console = Console(record=True, width=200)
+    print_status(snapshot, console)
+    assert re.search(r"together .* 3 .* 0/6 .* 3 ", console.export_text())
 
 
 def test_a_member_killed_mid_run_does_not_stop_the_others(members, reference, tmp_path):

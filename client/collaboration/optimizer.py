@@ -160,9 +160,8 @@ class CollaborativeOptimizer:
         except BaseException:
             self.dht.shutdown()
             raise
-        self._renewed_at = self._speed_read_at = 0.0
-        self._speed = 0.0
-        self._renew_record()
+        store_run_record(self.dht, self.record, wait=True)  # so that a member joining next finds it
+        self._renewed_at, self._speed_read_at, self._speed = time.monotonic(), 0.0, 0.0
         self._bar = tqdm(total=target_batch_size, desc=f"{run_id} epoch 0", unit="sample") if progress_bar else None
 
     @staticmethod
