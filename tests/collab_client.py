@@ -51,6 +51,7 @@ def main() -> None:
     parser.add_argument("--matchmaking", type=float, default=3.0)
     parser.add_argument("--pause-at-epoch", type=int, default=-1)
     parser.add_argument("--out", required=True)
+    parser.add_argument("--save-adapter", help="at the end, save the LoRA here as a peft adapter folder")
     args = parser.parse_args()
     schedule = [int(rows) for rows in args.rows.split(",")]
 
@@ -87,6 +88,8 @@ def main() -> None:
                 sys.exit(f"member {args.member}: the collaboration did not reach epoch {epoch + 1}")
             save_file(model.lora.peft_state_dict(), str(Path(args.out) / f"member{args.member}-epoch{epoch + 1}.safetensors"))
             print(f"epoch {epoch + 1} loss {loss.item():.4f}", flush=True)
+        if args.save_adapter:
+            model.save_lora(args.save_adapter)
     model.close()
 
 

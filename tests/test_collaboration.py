@@ -10,11 +10,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from peft import get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
+from peft import PeftModel, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
 from rich.console import Console
 from safetensors.torch import load_file
 
-from peer.local_swarm import SwarmProcess, spawn_cli
+from client import AutoDistributedModelForCausalLM
+from peer.local_swarm import SwarmProcess, spawn_cli, start_peers
 from peer.status import print_status
 from swarm.dht_node import swarm_dht
 from swarm.swarm_state import take_snapshot
@@ -91,13 +92,29 @@ def epochs_of(members_rows: dict[int, dict[int, int]], vocab_size: int) -> list[
              if epoch in rows] for epoch in range(last + 1)]
 
 
-def test_members_train_like_one_local_run_on_the_union_of_their_batches(members, reference, bootstrap, tmp_path):
+def test_members_train_like_one_local_run_on_the_union_of_their_batches(members, reference, tiny_llama, bootstrap,
+                                                                        tmp_path):
     start_file = tmp_path / "go"
-    processes = [members(member, [2, 2, 2], 6, "together", start_file=start_file) for member in range(3)]
+    adapter = tmp_path / "adapter"
+    processes = [members(member, [2, 2, 2], 6, "together", start_file=start_file,
+                         **({"save_adapter": adapter} if member == 0 else {})) for member in range(3)]
     wait_all(processes, r"joined run")
     start_file.touch()
+    # the run as `swarm-peer status` and the dashboard show it, mid-run
+    wait_all(processes, r"epoch 1 loss")
+    dht = swarm_dht(initial_peers=[bootstrap], client_mode=True, start=True)[0]
+    try:
+        snapshot = take_snapshot(dht)
+    finally:
+        dht.shutdown()
+    [run] = [run for run in snapshot.training if run.record.name == "together"]
+    assert run.epoch >= 1 and (run.num_peers, run.record.target_batch_size) == (3, 6)
+    console = Console(record=True, width=200)
+    print_status(snapshot, console)
+    assert re.search(r"together\s+\S+\s+[123]\s+\d+/6\s+3\s", console.export_text()), console.export_text()
     finish(processes)
     start = state(tmp_path, 0, "start")
+    assert run.record.parameters == sum(tensor.numel() for tensor in start.values())
     for member in (1, 2):
         assert_same(state(tmp_path, member, "start"), start, f"member {member}'s initial LoRA")
     expected = local_run(reference, start, epochs_of({m: {0: 2, 1: 2, 2: 2} for m in range(3)}, reference.config.vocab_size))
@@ -105,18 +122,21 @@ def test_members_train_like_one_local_run_on_the_union_of_their_batches(members,
         for member in range(3):
             assert_same(state(tmp_path, member, epoch), local_state, f"member {member} after epoch {epoch}")
     assert (expected[-1]["base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight"] != 0).any()  # it trained
-    # the run as `swarm-peer status` and the dashboard show it (the members' last reports outlive them a while)
-    dht = swarm_dht(initial_peers=[bootstrap], client_mode=True, start=True)[0]
+    # the loop closed: a peer hosts the trained adapter, and a client generates with it as local peft does
+    (host,) = start_peers(tiny_llama, bootstrap, ["0:4"], "--adapters", f"collab={adapter}")
     try:
-        snapshot = take_snapshot(dht)
+        model = AutoDistributedModelForCausalLM.from_pretrained(
+            tiny_llama, initial_peers=[bootstrap], allowed_peers=(host.peer_id,), active_adapter="collab")
+        try:
+            prompt = member_batch(0, 0, 1, reference.config.vocab_size)
+            swarm_tokens = model.generate(prompt, max_new_tokens=8, do_sample=False)
+        finally:
+            model.close()
     finally:
-        dht.shutdown()
-    [run] = [run for run in snapshot.training if run.record.name == "together"]
-    assert (run.epoch, run.num_peers, run.record.target_batch_size) == (3, 3, 6)
-    assert run.record.parameters == sum(tensor.numel() for tensor in start.values())
-    console = Console(record=True, width=200)
-    print_status(snapshot, console)
-    assert re.search(r"together .* 3 .* 0/6 .* 3 ", console.export_text())
+        host.process.stop()
+    local = PeftModel.from_pretrained(copy.deepcopy(reference), str(adapter))
+    assert_same(get_peft_model_state_dict(local), expected[-1], "the saved adapter read back by peft")
+    assert torch.equal(swarm_tokens, local.generate(input_ids=prompt, max_new_tokens=8, do_sample=False))
 
 
 def test_a_member_killed_mid_run_does_not_stop_the_others(members, reference, tmp_path):
