@@ -9,6 +9,7 @@ that joins late, or falls behind, downloads the parameters and optimizer state f
 """
 
 import contextlib
+import functools
 import logging
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -108,7 +109,8 @@ class CollaborativeOptimizer:
     all interfaces); the other members must reach it. `matchmaking_time`: seconds the members have to find each other
     for each averaging round, once the step is due; it must exceed how far apart they notice that (a refresh of the
     DHT, up to a second on a loaded machine), and each epoch costs about that long. `hivemind_options` go to
-    hivemind.Optimizer as they are.
+    hivemind.Optimizer as they are. `group_size`: when the number of members is known, a round begins as soon as that
+    many have joined it instead of after `matchmaking_time` (more members than this would average in separate groups).
     """
 
     def __init__(
@@ -124,6 +126,7 @@ class CollaborativeOptimizer:
         announce_host: str | None = None,
         matchmaking_time: float = 5.0,
         averaging_timeout: float = 60.0,
+        group_size: int | None = None,
         progress_bar: bool = False,
         **hivemind_options,
     ):
@@ -152,7 +155,8 @@ class CollaborativeOptimizer:
                 dht=self.dht, run_id=run_id, target_batch_size=target_batch_size,
                 batch_size_per_step=batch_size_per_step, optimizer=optimizer, params=self.parameters,
                 matchmaking_time=matchmaking_time, averaging_timeout=averaging_timeout,
-                grad_averager_factory=CheckedGradientAverager,
+                grad_averager_factory=functools.partial(CheckedGradientAverager, target_group_size=group_size),
+                averager_opts={"target_group_size": group_size, **hivemind_options.pop("averager_opts", {})},
                 tracker_opts={"private_key": key, "max_refresh_period": max(matchmaking_time / 2, 0.5),
                               **hivemind_options.pop("tracker_opts", {})},
                 **hivemind_options,
