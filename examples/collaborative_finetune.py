@@ -1,6 +1,6 @@
 """Three clients train one LoRA together through a local swarm of the demo model, each on its own shard of the data.
 
-    python examples/collaborative_finetune.py [--members 3] [--epochs 15]
+    python examples/collaborative_finetune.py [--members 3] [--epochs 12]
 
 A bootstrap node and two peers (blocks 0:2 and 2:4) serve the frozen model. Each member is a process of its own
 with its own shard of a small data set; `CollaborativeOptimizer` averages their gradients over the swarm's DHT, so
@@ -125,7 +125,7 @@ def main() -> None:
     parser.add_argument("role", nargs="?", default="demo", choices=["demo", "member"])
     parser.add_argument("--model", default=str(DEMO_MODEL))
     parser.add_argument("--members", type=int, default=3)
-    parser.add_argument("--epochs", type=int, default=15)
+    parser.add_argument("--epochs", type=int, default=12)
     parser.add_argument("--lr", type=float, default=1e-2)
     parser.add_argument("--matchmaking", type=float, default=3.0)
     parser.add_argument("--run-id", default="demo-lora")
