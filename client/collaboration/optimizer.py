@@ -54,13 +54,15 @@ class _HoldingTracker(ProgressTracker):
     were in matchmaking by then and leaves out one that finishes its batch later (it then steps alone, on its own
     gradients). Each round is matched once the step is due, by every member within one refresh of the others."""
 
-    holding = False
+    holding = False  # the step waits for the target batch size
+    going_on = False  # the step is taken with the samples there are (the wait for the others is over)
 
     @property
     def ready_to_update_epoch(self) -> bool:
-        if self.holding:  # not hivemind's estimate, which expects waiting members to go on adding samples
+        if self.holding or self.going_on:  # not hivemind's estimate: it expects waiting members to go on adding
+            # samples (and never comes due while every member only waits, each report moving it on)
             return (self.global_epoch > self.local_progress.epoch
-                    or self.global_progress.samples_accumulated >= self.target_batch_size)
+                    or self.global_progress.samples_accumulated >= (1 if self.going_on else self.target_batch_size))
         return super().ready_to_update_epoch
 
     @property
@@ -225,19 +227,20 @@ class CollaborativeOptimizer:
 
         For the first `hold` seconds (default: all of `timeout`) the step waits for the target batch size: hivemind
         would otherwise expect waiting members to go on adding samples at their usual speed and end the epoch
-        without the members still computing. After `hold`, hivemind's estimate takes over, and the step goes on
-        without members that stopped contributing (dead or gone)."""
+        without the members still computing. After `hold`, the step is taken with the samples there are, without
+        members that stopped contributing (dead or gone)."""
         started = time.monotonic()
         hold = timeout if hold is None else min(hold, timeout)
         tracker = self._optimizer.tracker
-        tracker.holding = True
         try:
+            tracker.holding = True
             while self.local_epoch < epoch and time.monotonic() - started < hold:
                 self._catch_up_step()
+            tracker.holding, tracker.going_on = False, True
+            while self.local_epoch < epoch and time.monotonic() - started < timeout:
+                self._catch_up_step()
         finally:
-            tracker.holding = False
-        while self.local_epoch < epoch and time.monotonic() - started < timeout:
-            self._catch_up_step()
+            tracker.holding = tracker.going_on = False
         return self.local_epoch >= epoch
 
     def _catch_up_step(self) -> None:
