@@ -20,7 +20,7 @@ import torch
 from peft import get_peft_model
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from bench.common import interleaved_timings
+from bench.common import interleaved_timings, rates
 from bench.results import machine
 from peer.local_swarm import local_swarm
 
@@ -77,7 +77,7 @@ def main() -> None:
     rows = len(example.FACTS)
     local = local_step_seconds(example, model_path, repeats=10)
     print(f"collaborative training, demo model, {rows}-row global batch, {machine()}")
-    print(f"local transformers+peft: {spread([rows / s for s in local], 1)} samples/s (step {spread(local, 3)} s)")
+    print(f"local transformers+peft: {spread(rates(rows, local), 1)} samples/s (step {spread(local, 3)} s)")
     print("| members | rounds begin | samples/s | vs local | epoch s | averaging cost per step s |")
     print("|---:|---|---:|---:|---:|---:|")
     with local_swarm(model_path, ["0:2", "2:4"], "--num-threads", "1") as bootstrap:
@@ -86,7 +86,7 @@ def main() -> None:
                 outputs = example.run_members(model_path, bootstrap, members, args.epochs + WARM_UP_EPOCHS,
                                               f"bench-{members}-{group_size}", group_size=group_size)
                 epochs, costs = epoch_figures(outputs)
-                speeds = [rows / seconds for seconds in epochs]
+                speeds = rates(rows, epochs)
                 ratio = statistics.median(speeds) / (rows / statistics.median(local))
                 begins = "all members in" if group_size else "after matchmaking_time"
                 print(f"| {members} | {begins} | {spread(speeds, 2)} | {ratio:.2f}x | {spread(epochs)} | "

@@ -25,6 +25,7 @@ from torch import nn
 from tqdm import tqdm
 
 from client.collaboration.checks import CheckedGradientAverager, CheckedStateAverager
+from client.remote_sequential import RemoteSequential
 from swarm.dht_node import swarm_dht
 from swarm.errors import SwarmError
 from swarm.net.addresses import swarm_is_local, tcp_maddr
@@ -177,16 +178,18 @@ class CollaborativeOptimizer:
         return [(str(index), parameter) for index, parameter in enumerate(params)]
 
     @staticmethod
-    def _initial_peers_of(params) -> list[str]:
-        remote = getattr(getattr(params, "backbone", params), "remote", None)
+    def _remote_of(params) -> RemoteSequential | None:
+        """The swarm blocks of a swarm model (or of a classifier's backbone), None for plain parameters."""
+        return getattr(getattr(params, "backbone", params), "remote", None)
+
+    def _initial_peers_of(self, params) -> list[str]:
+        remote = self._remote_of(params)
         if remote is None:
             raise CollaborationError("give initial_peers: the multiaddr of a DHT node of the swarm")
         return list(remote.config.initial_peers)
 
-    @staticmethod
-    def _model_prefix_of(params) -> str:
-        remote = getattr(getattr(params, "backbone", params), "remote", None)
-        return getattr(remote, "model_prefix", "")
+    def _model_prefix_of(self, params) -> str:
+        return getattr(self._remote_of(params), "model_prefix", "")
 
     def _check_run_matches(self) -> None:
         for record in fetch_run_records(self.dht):
@@ -218,7 +221,7 @@ class CollaborativeOptimizer:
             return False
         epoch = self.local_epoch
         self._optimizer.step(batch_size=batch_size)
-        self._after_step(epoch, batch_size)
+        self._after_step(epoch)
         return True
 
     def wait_for_epoch(self, epoch: int, timeout: float, hold: float | None = None) -> bool:
@@ -246,11 +249,11 @@ class CollaborativeOptimizer:
     def _catch_up_step(self) -> None:
         before = self.local_epoch
         self._optimizer.step(batch_size=0)  # the checked gradient averager counts no samples for it
-        self._after_step(before, 0)
+        self._after_step(before)
         if self.local_epoch == before:
             time.sleep(WAIT_POLL_PERIOD)
 
-    def _after_step(self, epoch_before: int, samples: int) -> None:
+    def _after_step(self, epoch_before: int) -> None:
         self._renew_record()
         if self._bar is None:
             return
@@ -265,7 +268,7 @@ class CollaborativeOptimizer:
     def progress(self) -> CollaborationProgress:
         """The collaboration as this member last read it from the DHT (its speed re-read every few seconds)."""
         if time.monotonic() - self._speed_read_at >= SPEED_READ_PERIOD:
-            self._speed = fetch_run_progress(self.dht, self.record).samples_per_second
+            self._speed = self.run_progress().samples_per_second
             self._speed_read_at = time.monotonic()
         seen = self._optimizer.tracker.global_progress
         return CollaborationProgress(self.local_epoch, seen.samples_accumulated, seen.target_batch_size,
