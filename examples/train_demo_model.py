@@ -1,6 +1,8 @@
 """Trains the built-in demo model: a small byte-level Llama, on the docstrings of Python's standard library.
 
     python examples/train_demo_model.py [--minutes 5] [--out examples/demo_model]
+    python examples/train_demo_model.py --minutes 4 --hidden-size 64 --layers 2 --heads 2 --kv-heads 1 \
+        --out examples/demo_draft_model    # the small draft model of bench/speculative.py
 
 The text is the PSF-licensed documentation that ships with Python itself, so no download is needed; a few CPU
 minutes are enough for the model to write recognisable English words.
@@ -43,13 +45,21 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--minutes", type=float, default=5.0)
     parser.add_argument("--out", default=str(Path(__file__).parent / "demo_model"))
+    parser.add_argument("--hidden-size", type=int, default=128)
+    parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--heads", type=int, default=4)
+    parser.add_argument("--kv-heads", type=int, default=2)
+    parser.add_argument("--intermediate-size", type=int, default=None, help="default: 2.75 x hidden size")
     args = parser.parse_args()
 
     torch.manual_seed(0)
     tokenizer = byte_tokenizer()
     data = torch.tensor(tokenizer(corpus()).input_ids)
     print(f"corpus: {len(data) / 1e6:.2f}M bytes of standard-library docstrings")
-    config = tiny_llama_config(hidden_size=128, num_layers=4, num_heads=4, num_kv_heads=2, intermediate_size=352)
+    config = tiny_llama_config(
+        hidden_size=args.hidden_size, num_layers=args.layers, num_heads=args.heads, num_kv_heads=args.kv_heads,
+        intermediate_size=args.intermediate_size or args.hidden_size * 11 // 4,
+    )
     model = LlamaForCausalLM(config)
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.01)
     batch, length = 16, 128
