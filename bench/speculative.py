@@ -5,8 +5,9 @@
 
 The model is the built-in demo model (examples/demo_model: trained, so drafts can be right; 4 blocks). Hosts,
 bandwidth caps and the delaying forwarders are bench.wan's: a step pushed from peer to peer crosses hops + 1 delays.
-For 2 and 4 peers, greedy decoding of the same prompt three ways: plain, prompt lookup (--lookup draft tokens from
-the text so far) and an early-exit draft (the model's first --draft-layers blocks and head, held by the client).
+For 2 and 4 peers, greedy decoding of the same prompt four ways: plain, prompt lookup (--lookup draft tokens from
+the text so far), an early-exit draft (the model's first --draft-layers blocks and head, held by the client) and a
+separate small draft model (examples/demo_draft_model, held by the client).
 Figures: tokens/s, ms/token against the round-trip floor ((hops + 1) x delay per step, divided by the tokens a step
 brings), tokens per step (1 + accepted draft tokens), and whether the tokens equal local transformers'.
 --delay-ms 0 gives the same on the bed without delay (a loopback-like figure).
@@ -26,19 +27,19 @@ import torch
 from transformers import StoppingCriteriaList
 
 from bench.results import Result, save_json, table
-from bench.wan import PEER_HOSTS, Bench, StepCounter, early_exit_draft, turns
+from bench.wan import PEER_HOSTS, Bench, StepCounter, draft_model, turns
 
 DEMO_MODEL = Path(__file__).resolve().parents[1] / "examples" / "demo_model"
+SMALL_DRAFT = DEMO_MODEL.with_name("demo_draft_model")  # 2 blocks of hidden size 64, trained on the same text
 PROMPT = "def add(a, b):\n    return a + b\n\ndef sub(a, b):\n    return a - b\n\ndef mul(a, b):\n"
 
 
-def local_run(local, draft, prompt: list[int], new_tokens: int, mode: str, lookup: int) -> dict:
-
+def local_run(local, drafts: dict, prompt: list[int], new_tokens: int, mode: str, lookup: int) -> dict:
     options = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
     if mode == "lookup":
         options["prompt_lookup_num_tokens"] = lookup
-    elif mode == "draft":
-        options["assistant_model"] = draft
+    elif mode in drafts:
+        options["assistant_model"] = drafts[mode]
     steps = StepCounter()
     started = time.perf_counter()
     with torch.inference_mode():
@@ -46,18 +47,19 @@ def local_run(local, draft, prompt: list[int], new_tokens: int, mode: str, looku
     return {"seconds": time.perf_counter() - started, "tokens": output[0, len(prompt):].tolist(), "steps": steps.calls}
 
 
-def speculation(bench: Bench, args, draft, prompt: list[int], count: int, lines: list[str]) -> None:
+def speculation(bench: Bench, args, drafts: dict, prompt: list[int], count: int, lines: list[str]) -> None:
     new = args.new_tokens
     print(f"[{count} peers, {args.delay_ms:g} ms one way, {args.mbit:g} Mbit/s] starting peers", flush=True)
     handles = bench.delayed_peers(count)
     client = bench.client({"swarm": {"allowed_peers": [h.peer_id for h in handles], "peer_to_peer": True}},
                           f"speculative{count}")
     extra = {"plain": {}, "lookup": {"options": {"prompt_lookup_num_tokens": args.lookup}},
-             "draft": {"draft_layers": args.draft_layers}}
+             "early-exit draft": {"draft_layers": args.draft_layers},
+             "small-model draft": {"draft_model": str(SMALL_DRAFT)}}
     try:
         functions = {}
         for mode in extra:
-            functions[f"local {mode}"] = lambda mode=mode: local_run(bench.local, draft, prompt, new, mode, args.lookup)
+            functions[f"local {mode}"] = lambda mode=mode: local_run(bench.local, drafts, prompt, new, mode, args.lookup)
             functions[mode] = lambda mode=mode: client.generate("swarm", prompt, new, **extra[mode])
         runs = turns(functions, args.repeats)
     finally:
@@ -107,7 +109,8 @@ def main() -> None:
         for file in DEMO_MODEL.iterdir():
             shutil.copy(file, folder)
         local = AutoModelForCausalLM.from_pretrained(folder).eval()
-        draft = early_exit_draft(folder, args.draft_layers)
+        drafts = {"early-exit draft": draft_model(folder, args.draft_layers),
+                  "small-model draft": draft_model(str(SMALL_DRAFT))}
         prompt = AutoTokenizer.from_pretrained(folder)(PROMPT)["input_ids"]
         print(f"demo model, {len(prompt)}-token prompt, {args.new_tokens} new tokens greedy, lookup {args.lookup}, "
               f"draft {args.draft_layers} block(s); {args.repeats} repeats in turns", flush=True)
@@ -118,7 +121,7 @@ def main() -> None:
                 bench.start()
                 bench.limit_all(args.mbit)
                 for count in [int(n) for n in args.peers.split(",") if n]:
-                    speculation(bench, args, draft, prompt, count, lines)
+                    speculation(bench, args, drafts, prompt, count, lines)
             finally:
                 bench.close()
     print()

@@ -83,14 +83,17 @@ def client_main(spec: dict) -> None:
 
 def _generate(model, request: dict) -> dict:
     """One greedy generation; request["options"] adds generate options (prompt_lookup_num_tokens=...) and
-    request["draft_layers"] a local draft model: the checkpoint's first blocks with its head (early exit)."""
+    request["draft_layers"] a local draft model: the checkpoint's first blocks with its head (early exit), or
+    request["draft_model"] the path of a separate small model."""
     from transformers import StoppingCriteriaList
 
     prompt = torch.tensor([request["prompt"]])
     options = dict(max_new_tokens=request["new_tokens"], min_new_tokens=request["new_tokens"], do_sample=False)
     options.update(request.get("options", {}))
     if request.get("draft_layers"):
-        options["assistant_model"] = early_exit_draft(model.config._name_or_path, request["draft_layers"])
+        options["assistant_model"] = draft_model(model.config._name_or_path, request["draft_layers"])
+    elif request.get("draft_model"):
+        options["assistant_model"] = draft_model(request["draft_model"])
     if request.get("logits"):
         options.update(output_logits=True, return_dict_in_generate=True)
     steps = StepCounter()
@@ -115,11 +118,13 @@ class StepCounter:
 
 
 @functools.cache
-def early_exit_draft(path: str, layers: int):
-    """A draft for assisted generation with no second model: the checkpoint's first `layers` blocks and its head."""
+def draft_model(path: str, layers: int | None = None):
+    """A draft for assisted generation: the checkpoint at `path`, or only its first `layers` blocks with its head (an
+    early-exit draft of the swarm's own model, no second model needed)."""
     from transformers import AutoModelForCausalLM
 
-    return AutoModelForCausalLM.from_pretrained(path, num_hidden_layers=layers).eval()
+    options = {} if layers is None else {"num_hidden_layers": layers}
+    return AutoModelForCausalLM.from_pretrained(path, **options).eval()
 
 
 def _reply(message: dict) -> None:
