@@ -3,7 +3,8 @@ own (tests/test_collaboration.py starts several).
 
 Per epoch of its schedule it trains one batch of its own data (`member_batch`), waits for the collaboration's step and
 writes its LoRA factors (peft names) to OUT/member{M}-epoch{E}.safetensors. A member that starts at a later epoch
-downloads the collaboration's state first. `--pause-at-epoch E` stops before epoch E's batch and says so (the test
+downloads the collaboration's state first. `--start-file` and `--finish-file` hold it before the first batch and
+after the last epoch (a run that lives while the test looks at it). `--pause-at-epoch E` stops before epoch E's batch and says so (the test
 kills it there: a member dying mid-run).
 """
 
@@ -37,6 +38,12 @@ def make_optimizer(params: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
     return torch.optim.SGD(params, lr=0.5, momentum=0.9)
 
 
+def wait_for_file(path: str | None, timeout: float = 120.0) -> None:
+    deadline = time.monotonic() + timeout
+    while path and not Path(path).exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--model", required=True)
@@ -52,6 +59,7 @@ def main() -> None:
     parser.add_argument("--pause-at-epoch", type=int, default=-1)
     parser.add_argument("--out", required=True)
     parser.add_argument("--save-adapter", help="at the end, save the LoRA here as a peft adapter folder")
+    parser.add_argument("--finish-file", help="after the last epoch, stay in the run until this file exists")
     args = parser.parse_args()
     schedule = [int(rows) for rows in args.rows.split(",")]
 
@@ -72,9 +80,7 @@ def main() -> None:
                 sys.exit(f"expected to join at epoch {args.first_epoch}, the collaboration is at {optimizer.local_epoch}")
         save_file(model.lora.peft_state_dict(), str(Path(args.out) / f"member{args.member}-start.safetensors"))
         print(f"member {args.member} joined run {args.run_id}", flush=True)
-        deadline = time.monotonic() + 120
-        while args.start_file and not Path(args.start_file).exists() and time.monotonic() < deadline:
-            time.sleep(0.05)
+        wait_for_file(args.start_file)
         for epoch, rows in enumerate(schedule, start=args.first_epoch):
             if epoch == args.pause_at_epoch:
                 print(f"pausing at epoch {epoch}", flush=True)
@@ -90,6 +96,7 @@ def main() -> None:
             print(f"epoch {epoch + 1} loss {loss.item():.4f}", flush=True)
         if args.save_adapter:
             model.save_lora(args.save_adapter)
+        wait_for_file(args.finish_file)
     model.close()
 
 

@@ -45,7 +45,9 @@ def members(tiny_llama, bootstrap, peers, tmp_path):
     yield start
     for index, process in enumerate(started):
         process.stop(signal.SIGKILL)
-        (tmp_path / f"process{index}.log").write_text("".join(process.output))  # what each said, for a failure
+        (tmp_path / f"process{index}.log").write_text("".join(process.output))
+        # what went wrong in a round, shown with a failure (pytest prints a failed test's captured output)
+        print(f"member process {index}:", *(line for line in process.output if "WARN" in line or "failed" in line))
 
 
 def wait_all(processes: list[SwarmProcess], pattern: str) -> None:
@@ -94,13 +96,13 @@ def epochs_of(members_rows: dict[int, dict[int, int]], vocab_size: int) -> list[
 
 def test_members_train_like_one_local_run_on_the_union_of_their_batches(members, reference, tiny_llama, bootstrap,
                                                                         tmp_path):
-    start_file = tmp_path / "go"
+    start_file, finish_file = tmp_path / "go", tmp_path / "done"
     adapter = tmp_path / "adapter"
-    processes = [members(member, [2, 2, 2], 6, "together", start_file=start_file,
+    processes = [members(member, [2, 2, 2], 6, "together", start_file=start_file, finish_file=finish_file,
                          **({"save_adapter": adapter} if member == 0 else {})) for member in range(3)]
     wait_all(processes, r"joined run")
     start_file.touch()
-    # the run as `swarm-peer status` and the dashboard show it, mid-run
+    # the run as `swarm-peer status` and the dashboard show it, mid-run (its members stay until finish_file)
     wait_all(processes, r"epoch 1 loss")
     dht = swarm_dht(initial_peers=[bootstrap], client_mode=True, start=True)[0]
     try:
@@ -112,6 +114,7 @@ def test_members_train_like_one_local_run_on_the_union_of_their_batches(members,
     console = Console(record=True, width=200)
     print_status(snapshot, console)
     assert re.search(r"together\s+\S+\s+[123]\s+\d+/6\s+3\s", console.export_text()), console.export_text()
+    finish_file.touch()
     finish(processes)
     start = state(tmp_path, 0, "start")
     assert run.record.parameters == sum(tensor.numel() for tensor in start.values())

@@ -6,7 +6,8 @@ sender back the average. Two places take someone else's numbers: a reducer takes
 `CheckedTensorPartReducer`; a refused sender is banned from the round, as hivemind bans one that stops sending, so the
 average is that of the others) and a sender takes reducers' averages (checked in `CheckedAllReduceRunner`; a refused
 part keeps its local value, as hivemind does for a reducer that fails). A late joiner downloads the whole state from
-one peer (checked in `CheckedStateDownload`; a refused state is not applied).
+one peer (checked in `CheckedStateDownload`; a refused state is not applied). The parameters averaged in the
+background after a step are applied only to the parameters they were taken from (`CheckedStateAverager`).
 
 hivemind builds its AllReduceRunner by name inside the averager's own process, so that process (and only it) is given
 the checked runner when it starts (`CheckedAveraging.run`).
@@ -18,6 +19,7 @@ import torch
 from hivemind.averaging import averager as hivemind_averager
 from hivemind.averaging.allreduce import AllreduceException, AllReduceRunner
 from hivemind.averaging.averager import DecentralizedAverager
+from hivemind.averaging.control import StepControl
 from hivemind.averaging.partition import TensorPartReducer
 from hivemind.optim.grad_averager import GradientAverager
 from hivemind.optim.state_averager import TrainingStateAverager
@@ -119,4 +121,33 @@ class CheckedGradientAverager(CheckedAveraging, CheckedStateDownload, GradientAv
 
 
 class CheckedStateAverager(CheckedAveraging, TrainingStateAverager, CheckedStateDownload):
-    """Parameters and optimizer statistics, averaged and downloaded with checks."""
+    """Parameters and optimizer statistics, averaged and downloaded with checks.
+
+    hivemind averages the parameters of epoch E in the background and copies the average into the parameters at a
+    later step call. When that round ends after this member's next optimizer step (a slow round, a loaded machine),
+    hivemind's copy would undo that step; when the group mixed members of different epochs, the average is of
+    different parameters. Either way the members would no longer hold the parameters of one run: such an average (or
+    a failed round's buffers) is dropped. Averages of one epoch's identical parameters change nothing but rounding."""
+
+    _round: StepControl | None = None  # the latest background round, whose gathered data is each member's epoch
+
+    def _do(self, wait_for_trigger, optimizer_step, zero_grad, averaging_round, averaging_control, *args,
+            timeout=None, **kwargs):
+        if averaging_round:
+            if averaging_control is None or averaging_control.triggered or averaging_control.done():
+                # as hivemind's _do would, but kept: its result tells the members' epochs (see _apply_averaging_results_)
+                averaging_control = DecentralizedAverager.step(
+                    self, gather=self.local_epoch, require_trigger=True, timeout=timeout, wait=False, **kwargs)
+            self._round = averaging_control
+        return super()._do(wait_for_trigger, optimizer_step, zero_grad, averaging_round, averaging_control, *args,
+                           timeout=timeout, **kwargs)
+
+    def _apply_averaging_results_(self) -> None:
+        try:
+            epochs = set(self._round.result(timeout=0).values()) if self._round is not None else set()
+        except BaseException:  # the round failed: its buffers hold no average
+            epochs = set()
+        if epochs != {self.local_epoch}:
+            logger.info(f"dropped a parameter average of epochs {sorted(epochs)} at epoch {self.local_epoch}")
+            return
+        super()._apply_averaging_results_()

@@ -114,6 +114,9 @@ class CollaborativeOptimizer:
     DHT, up to a second on a loaded machine), and each epoch costs about that long. `hivemind_options` go to
     hivemind.Optimizer as they are. `group_size`: when the number of members is known, a round begins as soon as that
     many have joined it instead of after `matchmaking_time` (more members than this would average in separate groups).
+    `next_chunk_timeout`: seconds a member of a round waits for another's next part before leaving it out (default a
+    quarter of `averaging_timeout`; hivemind's, `matchmaking_time`, left out live members of a loaded machine, which
+    then kept their own gradients for that part: their parameters parted from the others').
     """
 
     def __init__(
@@ -129,6 +132,7 @@ class CollaborativeOptimizer:
         announce_host: str | None = None,
         matchmaking_time: float = 5.0,
         averaging_timeout: float = 60.0,
+        next_chunk_timeout: float | None = None,
         group_size: int | None = None,
         progress_bar: bool = False,
         **hivemind_options,
@@ -158,6 +162,7 @@ class CollaborativeOptimizer:
                 dht=self.dht, run_id=run_id, target_batch_size=target_batch_size,
                 batch_size_per_step=batch_size_per_step, optimizer=optimizer, params=self.parameters,
                 matchmaking_time=matchmaking_time, averaging_timeout=averaging_timeout,
+                next_chunk_timeout=averaging_timeout / 4 if next_chunk_timeout is None else next_chunk_timeout,
                 grad_averager_factory=functools.partial(CheckedGradientAverager, target_group_size=group_size),
                 averager_opts={"target_group_size": group_size, **hivemind_options.pop("averager_opts", {})},
                 tracker_opts={"private_key": key, "max_refresh_period": max(matchmaking_time / 2, 0.5),
