@@ -5,9 +5,10 @@
 
 The model is the built-in demo model (examples/demo_model: trained, so drafts can be right; 4 blocks). Hosts,
 bandwidth caps and the delaying forwarders are bench.wan's: a step pushed from peer to peer crosses hops + 1 delays.
-For 2 and 4 peers, greedy decoding of the same prompt four ways: plain, prompt lookup (--lookup draft tokens from
-the text so far), an early-exit draft (the model's first --draft-layers blocks and head, held by the client) and a
-separate small draft model (examples/demo_draft_model, held by the client).
+For 2 and 4 peers, greedy decoding of the same prompt: plain, prompt lookup (draft tokens from the text so far), an
+early-exit draft (the model's first --draft-layers blocks and head, held by the client) and a separate small draft
+model (examples/demo_draft_model, held by the client); each draft with transformers' own lengths (prompt lookup
+--lookup tokens, an assistant's heuristic schedule) and with the swarm's adaptive ones (client/speculation.py).
 Figures: tokens/s, ms/token against the round-trip floor ((hops + 1) x delay per step, divided by the tokens a step
 brings), tokens per step (1 + accepted draft tokens), and whether the tokens equal local transformers'.
 --delay-ms 0 gives the same on the bed without delay (a loopback-like figure).
@@ -18,6 +19,7 @@ from __future__ import annotations
 import argparse
 import shutil
 import signal
+import statistics
 import sys
 import tempfile
 import time
@@ -34,16 +36,29 @@ SMALL_DRAFT = DEMO_MODEL.with_name("demo_draft_model")  # 2 blocks of hidden siz
 PROMPT = "def add(a, b):\n    return a + b\n\ndef sub(a, b):\n    return a - b\n\ndef mul(a, b):\n"
 
 
-def local_run(local, drafts: dict, prompt: list[int], new_tokens: int, mode: str, lookup: int) -> dict:
-    options = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
-    if mode == "lookup":
-        options["prompt_lookup_num_tokens"] = lookup
-    elif mode in drafts:
-        options["assistant_model"] = drafts[mode]
+def modes(args, drafts: dict) -> dict[str, tuple[dict, dict]]:
+    """mode -> (the swarm client's request, local transformers' generate options). transformers' own draft lengths
+    ("fixed": prompt lookup's --lookup, the assistant's heuristic) and the swarm's adaptive ones (prompt lookup up to
+    --lookup-longest, an assistant up to client.speculation.MAX_ASSISTANT_TOKENS); local runs use transformers' own."""
+    lookup, longest = {"prompt_lookup_num_tokens": args.lookup}, {"prompt_lookup_num_tokens": args.lookup_longest}
+    early, small = {"draft_layers": args.draft_layers}, {"draft_model": str(SMALL_DRAFT)}
+    by_mode = {"plain": ({}, {})}
+    for name, request, local in (("prompt lookup", {}, lookup), ("early-exit draft", early, drafts["early-exit"]),
+                                 ("small-model draft", small, drafts["small-model"])):
+        local = local if "prompt_lookup_num_tokens" in local else {"assistant_model": local}
+        by_mode[name] = ({**request, "options": {**(lookup if not request else {}), "draft_length": "fixed"}}, local)
+        by_mode[f"{name}, adaptive"] = ({**request, "options": {**(longest if not request else {}),
+                                                             "draft_length": "adaptive"}},
+                                      {**local, **(longest if not request else {})})
+    return by_mode
+
+
+def local_run(local, options: dict, prompt: list[int], new_tokens: int) -> dict:
     steps = StepCounter()
     started = time.perf_counter()
     with torch.inference_mode():
-        output = local.generate(torch.tensor([prompt]), stopping_criteria=StoppingCriteriaList([steps]), **options)
+        output = local.generate(torch.tensor([prompt]), stopping_criteria=StoppingCriteriaList([steps]),
+                                max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, **options)
     return {"seconds": time.perf_counter() - started, "tokens": output[0, len(prompt):].tolist(), "steps": steps.calls}
 
 
@@ -53,33 +68,34 @@ def speculation(bench: Bench, args, drafts: dict, prompt: list[int], count: int,
     handles = bench.delayed_peers(count)
     client = bench.client({"swarm": {"allowed_peers": [h.peer_id for h in handles], "peer_to_peer": True}},
                           f"speculative{count}")
-    extra = {"plain": {}, "lookup": {"options": {"prompt_lookup_num_tokens": args.lookup}},
-             "early-exit draft": {"draft_layers": args.draft_layers},
-             "small-model draft": {"draft_model": str(SMALL_DRAFT)}}
+    by_mode = modes(args, drafts)
     try:
         functions = {}
-        for mode in extra:
-            functions[f"local {mode}"] = lambda mode=mode: local_run(bench.local, drafts, prompt, new, mode, args.lookup)
-            functions[mode] = lambda mode=mode: client.generate("swarm", prompt, new, **extra[mode])
+        for mode, (request, options) in by_mode.items():
+            functions[f"local {mode}"] = lambda options=options: local_run(bench.local, options, prompt, new)
+            functions[mode] = lambda request=request: client.generate("swarm", prompt, new, **request)
         runs = turns(functions, args.repeats)
     finally:
         client.close()
         bench.stop_peers(handles)
     plain_ms = runs["plain"].median / new * 1e3
-    for mode in extra:
+    for mode in by_mode:
         timing, local = runs[mode], runs[f"local {mode}"]
         ms = timing.median / new * 1e3
         per_step = new / max(timing.steps, 1)
         floor = (count + 1) * args.delay_ms / per_step
         same = timing.tokens == runs["local plain"].tokens
+        lengths = f"{statistics.median(timing.draft_lengths):g}" if timing.draft_lengths else "-"
         bench.results.append(Result(
             f"speculative, {count} peers, {mode}", "tokens/s", new / timing.median, new / local.median,
-            detail=f"{ms:.1f} ms/token [{timing.span(1e3 / new)}], {per_step:.2f} tokens/step, round-trip floor "
-                   f"{floor:.1f} ms/token, {plain_ms / ms:.2f}x plain swarm decode, same tokens: {same}",
+            detail=f"{ms:.1f} ms/token [{timing.span(1e3 / new)}], {per_step:.2f} tokens/step, draft length asked "
+                   f"(median) {lengths}, round-trip floor {floor:.1f} ms/token, {plain_ms / ms:.2f}x plain swarm "
+                   f"decode, same tokens: {same}",
         ))
         print(f"  {bench.results[-1].metric}: {bench.results[-1].detail}", flush=True)
         lines.append(f"| {count} | {mode} | {new / timing.median:.2f} | {ms:.1f} [{timing.span(1e3 / new)}] | "
-                     f"{per_step:.2f} | {floor:.1f} | {plain_ms / ms:.2f}x | {local.median / new * 1e3:.1f} | {same} |")
+                     f"{per_step:.2f} | {lengths} | {floor:.1f} | {plain_ms / ms:.2f}x | "
+                     f"{local.median / new * 1e3:.1f} | {same} |")
 
 
 def main() -> None:
@@ -91,6 +107,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--peers", default="2,4", help="peer counts (dividing the demo model's 4 blocks)")
     parser.add_argument("--lookup", type=int, default=4, help="prompt lookup's draft tokens")
+    parser.add_argument("--lookup-longest", type=int, default=16, help="prompt lookup's longest adaptive draft")
     parser.add_argument("--draft-layers", type=int, default=1, help="blocks of the early-exit draft")
     parser.add_argument("--json", default="")
     args = parser.parse_args()
@@ -109,8 +126,7 @@ def main() -> None:
         for file in DEMO_MODEL.iterdir():
             shutil.copy(file, folder)
         local = AutoModelForCausalLM.from_pretrained(folder).eval()
-        drafts = {"early-exit draft": draft_model(folder, args.draft_layers),
-                  "small-model draft": draft_model(str(SMALL_DRAFT))}
+        drafts = {"early-exit": draft_model(folder, args.draft_layers), "small-model": draft_model(str(SMALL_DRAFT))}
         prompt = AutoTokenizer.from_pretrained(folder)(PROMPT)["input_ids"]
         print(f"demo model, {len(prompt)}-token prompt, {args.new_tokens} new tokens greedy, lookup {args.lookup}, "
               f"draft {args.draft_layers} block(s); {args.repeats} repeats in turns", flush=True)
@@ -127,9 +143,9 @@ def main() -> None:
     print()
     print(table(bench.results))
     print(f"\n{args.delay_ms:g} ms one way into each peer host, {args.mbit:g} Mbit/s:\n")
-    print("| peers | mode | tokens/s | ms/token [min-max] | tokens/step | round-trip floor ms/token | vs plain | "
-          "local ms/token | same tokens |")
-    print("|---|---|---:|---:|---:|---:|---:|---:|---|")
+    print("| peers | mode | tokens/s | ms/token [min-max] | tokens/step | draft length asked | round-trip floor "
+          "ms/token | vs plain | local ms/token | same tokens |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|---:|---|")
     print("\n".join(lines))
     if args.json:
         save_json(bench.results, args.json)

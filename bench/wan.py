@@ -103,7 +103,9 @@ def _generate(model, request: dict) -> dict:
     if request.get("logits"):
         torch.save(torch.stack(output.logits).squeeze(1), request["logits"])
         output = output.sequences
-    return {"seconds": seconds, "tokens": output[0, prompt.shape[1]:].tolist(), "steps": steps.calls}
+    speculation = getattr(model, "last_speculation", None)  # the swarm model's, when its draft lengths adapted
+    return {"seconds": seconds, "tokens": output[0, prompt.shape[1]:].tolist(), "steps": steps.calls,
+            "draft_lengths": speculation.asked if speculation is not None else []}
 
 
 class StepCounter:
@@ -204,6 +206,7 @@ class Timings:
     bytes: list[int]
     tokens: list[int]
     steps: int = 0  # steps through the model in the last run (fewer than tokens when speculating)
+    draft_lengths: list[int] = dataclasses.field(default_factory=list)  # asked for, per step, in the last run
 
     @property
     def median(self) -> float:
@@ -226,6 +229,7 @@ def turns(functions: dict[str, Callable[[], dict]], repeats: int) -> dict[str, T
             runs[name].bytes.append(result.get("bytes", 0))
             runs[name].tokens = result["tokens"]
             runs[name].steps = result.get("steps", 0)
+            runs[name].draft_lengths = result.get("draft_lengths", [])
     return runs
 
 

@@ -12,11 +12,17 @@ from pathlib import Path
 
 import torch
 from transformers.cache_utils import Cache
+from transformers.generation.candidate_generator import (
+    AssistedCandidateGenerator,
+    EarlyExitCandidateGenerator,
+    PromptLookupCandidateGenerator,
+)
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from client.config import ClientConfig
 from client.inference_session import InferenceSession
 from client.remote_sequential import RemoteSequential
+from client.speculation import MAX_ASSISTANT_TOKENS, AdaptiveDraftLength, SpeculationReport
 from client.tuning import PromptTuning, RemoteLoRA
 from client.verification import VerificationReport, WrongAnswerCaught
 from swarm import huge_pages
@@ -29,6 +35,7 @@ from swarm.model_loading import load_parts, meta_model, meta_tensors
 logger = logging.getLogger(__name__)
 
 MAX_REGENERATIONS = 3  # liars caught within one generate call before it gives up
+DRAFT_LENGTHS = ("adaptive", "fixed")  # generate(draft_length=...); None: adaptive for greedy decoding only
 
 
 class RemotePastKeyValues(Cache):
@@ -73,6 +80,8 @@ class DistributedCausalLMMixin:
         self.prompt_tuning: PromptTuning | None = None
         self.lora: RemoteLoRA | None = None
         self.last_verification: VerificationReport | None = None  # what the checks of the last generate found
+        self.last_speculation: SpeculationReport | None = None  # the drafts of the last adaptive speculative generate
+        self._draft_length: str | None = None
         self._call_report = VerificationReport()
 
     def _attach_tuning(self, mode: str | None, num_prefix_tokens: int, lora_config) -> None:
@@ -209,11 +218,46 @@ class DistributedCausalLMMixin:
         session.report = self._call_report
         model_kwargs["past_key_values"] = RemotePastKeyValues(session, prompts)
 
-    def generate(self, inputs: torch.Tensor | None = None, *args, session: InferenceSession | None = None, **kwargs):
+    def _get_candidate_generator(self, generation_config, input_ids, inputs_tensor, logits_processor, model_kwargs,
+                                 assistant_model=None, target_tokenizer=None, assistant_tokenizer=None):
+        """transformers' candidate generator for speculative decoding (prompt lookup, an assistant model, early exit),
+        its draft length chosen step by step from the chain's timings (client/speculation.py) unless the call asked
+        for draft_length="fixed", or samples without asking for "adaptive" (timed lengths would not repeat a seed)."""
+        generator = super()._get_candidate_generator(
+            generation_config=generation_config, input_ids=input_ids, inputs_tensor=inputs_tensor,
+            logits_processor=logits_processor, model_kwargs=model_kwargs, assistant_model=assistant_model,
+            target_tokenizer=target_tokenizer, assistant_tokenizer=assistant_tokenizer,
+        )
+        self.last_speculation = None
+        mode = self._draft_length or ("fixed" if generation_config.do_sample else "adaptive")
+        if mode == "fixed":
+            return generator
+        if type(generator) is PromptLookupCandidateGenerator:  # its configured length is what the session has room for
+            length_attribute, longest = "num_output_tokens", generator.num_output_tokens
+        elif type(generator) in (AssistedCandidateGenerator, EarlyExitCandidateGenerator):
+            length_attribute, longest = "num_assistant_tokens", MAX_ASSISTANT_TOKENS
+        else:
+            return generator
+        cache = model_kwargs["past_key_values"]
+        self.last_speculation = SpeculationReport()
+        return AdaptiveDraftLength(generator, length_attribute, longest, cache.get_seq_length, self.last_speculation)
+
+    def generate(self, inputs: torch.Tensor | None = None, *args, session: InferenceSession | None = None,
+                 draft_length: str | None = None, **kwargs):
         """`transformers`' generate on the swarm. Inside `inference_session()`, pass the whole sequence each time, as
         with a local cache. With `session=` (Petals' way), or with no inputs inside an active session, the call
         continues that session: `inputs` are only the tokens after what it generated so far, and the result leaves
-        those earlier tokens out."""
+        those earlier tokens out. `draft_length` ("adaptive" or "fixed") is for speculative decoding: see
+        `_get_candidate_generator`."""
+        if draft_length not in (None, *DRAFT_LENGTHS):
+            raise ValueError(f"draft_length must be one of {DRAFT_LENGTHS} or None, not {draft_length!r}")
+        self._draft_length = draft_length
+        try:
+            return self._generate_in_session(inputs, *args, session=session, **kwargs)
+        finally:
+            self._draft_length = None
+
+    def _generate_in_session(self, inputs, *args, session: InferenceSession | None, **kwargs):
         if inputs is None:
             inputs = kwargs.pop("input_ids", None)
         if session is None and inputs is None and self._active_session is not None:

@@ -84,3 +84,19 @@ def test_batch_of_two_refused_as_locally(model, reference):
     for generator in (reference, model):
         with pytest.raises(ValueError, match="batch_size = 1"):
             generator.generate(**two, max_new_tokens=4, prompt_lookup_num_tokens=2)
+
+
+def test_greedy_drafts_adapt_and_keep_the_tokens(model, reference, early_exit_draft):
+    """Greedy speculative decoding chooses its draft lengths from the chain's timings (by default) and still gives
+    plain greedy's tokens; draft_length="fixed" keeps transformers' own lengths."""
+    plain = reference.generate(**inputs(), max_new_tokens=30, do_sample=False)
+    for options in ({"prompt_lookup_num_tokens": 6}, {"assistant_model": early_exit_draft}):
+        assert torch.equal(model.generate(**inputs(), max_new_tokens=30, do_sample=False, **options), plain)
+        report = model.last_speculation
+        assert report is not None and report.steps >= 2 and sum(report.accepted) <= sum(report.drafted)
+        assert all(1 <= asked <= options.get("prompt_lookup_num_tokens", 32) for asked in report.asked)
+        assert torch.equal(model.generate(**inputs(), max_new_tokens=30, do_sample=False, draft_length="fixed",
+                                          **options), plain)
+        assert model.last_speculation is None
+    with pytest.raises(ValueError, match="draft_length must be one of"):
+        model.generate(**inputs(), max_new_tokens=2, prompt_lookup_num_tokens=2, draft_length="long")

@@ -1,0 +1,154 @@
+"""Draft lengths for speculative decoding chosen from what the chain costs, step by step.
+
+transformers drafts a fixed number of tokens with prompt lookup and, with an assistant model, follows a schedule
+that reacts to acceptance only (two more after a fully accepted draft, one fewer otherwise). Through a swarm the
+best length also depends on the round trip: every verification step pays the chain's latency once, however many
+tokens it carries. `AdaptiveDraftLength` wraps transformers' candidate generator and, before each draft, picks the
+length K that maximises the expected tokens per second of one step:
+
+    expected tokens (1 - a^(K+1)) / (1 - a)  /  (step base + (K + 1) x per-token step cost + K x draft cost)
+
+with `a` the observed probability that a draft token is accepted after the ones before it were, the step's base
+(the round trip, mostly) and per-token cost fitted to the verification steps timed so far (the first carries the
+whole prompt, so the fit has two very different sizes from the start), and the draft's cost per token timed too.
+
+The choice depends on timings, so under sampling it changes how much randomness a run draws: a seed then no longer
+repeats the same tokens. It is therefore used by default for greedy decoding only (DistributedCausalLMMixin).
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections import deque
+from dataclasses import dataclass, field
+
+import torch
+
+MAX_ASSISTANT_TOKENS = 32  # the longest draft asked of an assistant model (prompt lookup: its configured length)
+STEP_HISTORY = 32  # verification steps kept for the fit of step time against tokens
+ACCEPTANCE_MEMORY = 0.9  # weight of the acceptance seen so far at each new step (recent steps count most)
+PRIOR_ACCEPTANCE, PRIOR_WEIGHT = 0.5, 2.0  # before any step: as if 2 tokens were seen, half accepted
+DRAFT_COST_WEIGHT = 0.3  # moving-average weight of a new draft's seconds per token
+
+
+def expected_tokens(acceptance: float, drafted: int) -> float:
+    """Tokens one verification step yields with `drafted` draft tokens, each accepted with probability `acceptance`
+    once those before it were: the accepted run, plus the model's own token after it."""
+    if acceptance >= 1.0:
+        return drafted + 1.0
+    return (1.0 - acceptance ** (drafted + 1)) / (1.0 - acceptance)
+
+
+def best_draft_length(acceptance: float, step_base: float, step_per_token: float, draft_per_token: float,
+                      longest: int) -> int:
+    """The draft length in 1..longest with the most expected tokens per second of a step (the shortest on a tie)."""
+    def rate(drafted: int) -> float:
+        seconds = step_base + step_per_token * (drafted + 1) + draft_per_token * drafted
+        return expected_tokens(acceptance, drafted) / max(seconds, 1e-9)
+
+    return max(range(1, max(longest, 1) + 1), key=rate)
+
+
+class StepTimeFit:
+    """seconds = base + per_token x tokens, least squares over the latest verification steps. When the kept steps
+    all carried the same number of tokens the slope cannot be told, and the last one found is kept."""
+
+    def __init__(self):
+        self.samples: deque[tuple[int, float]] = deque(maxlen=STEP_HISTORY)
+        self.per_token = 0.0
+
+    def add(self, tokens: int, seconds: float) -> None:
+        self.samples.append((tokens, seconds))
+
+    def fit(self) -> tuple[float, float]:
+        """(base, per_token) in seconds; (0, 0) before any step."""
+        if not self.samples:
+            return 0.0, 0.0
+        tokens = [float(count) for count, _ in self.samples]
+        seconds = [duration for _, duration in self.samples]
+        mean_tokens, mean_seconds = statistics.fmean(tokens), statistics.fmean(seconds)
+        spread = sum((count - mean_tokens) ** 2 for count in tokens)
+        if spread > 0:
+            covariance = sum((count - mean_tokens) * (duration - mean_seconds) for count, duration in zip(tokens, seconds))
+            self.per_token = max(covariance / spread, 0.0)
+        return max(mean_seconds - self.per_token * mean_tokens, 0.0), self.per_token
+
+
+@dataclass
+class SpeculationReport:
+    """What the drafts of one generate call were: per verification step, the length asked for, the tokens drafted
+    and those accepted."""
+
+    asked: list[int] = field(default_factory=list)
+    drafted: list[int] = field(default_factory=list)
+    accepted: list[int] = field(default_factory=list)
+
+    @property
+    def steps(self) -> int:
+        return len(self.asked)
+
+    @property
+    def acceptance(self) -> float:
+        """Accepted draft tokens over drafted ones (0 when nothing was drafted)."""
+        return sum(self.accepted) / max(sum(self.drafted), 1)
+
+
+class AdaptiveDraftLength:
+    """Stands in for one of transformers' candidate generators (prompt lookup or an assistant model) in its assisted
+    decoding loop, setting the inner generator's draft length before each draft (see the module docstring).
+    `cached_tokens()` tells how many of the sequence's tokens the chain holds (a step sends the rest)."""
+
+    def __init__(self, inner, length_attribute: str, longest: int, cached_tokens, report: SpeculationReport):
+        self.inner, self.length_attribute, self.longest = inner, length_attribute, max(int(longest), 1)
+        self.cached_tokens, self.report = cached_tokens, report
+        self.step_times = StepTimeFit()
+        self.accepted_weight, self.rejected_weight = 0.0, 0.0
+        self.draft_per_token: float | None = None
+        self._drafted = self._step_tokens = 0
+        self._step_started = 0.0
+
+    # what transformers' loop reads of a candidate generator besides the two methods
+    @property
+    def requires_model_outputs(self) -> bool:
+        return getattr(self.inner, "requires_model_outputs", False)
+
+    @property
+    def model_kwargs_overrides(self) -> dict:
+        return self.inner.model_kwargs_overrides
+
+    @property
+    def acceptance(self) -> float:
+        return ((self.accepted_weight + PRIOR_ACCEPTANCE * PRIOR_WEIGHT)
+                / (self.accepted_weight + self.rejected_weight + PRIOR_WEIGHT))
+
+    def next_length(self) -> int:
+        if not self.step_times.samples:  # nothing timed yet: the length the caller configured
+            return min(int(getattr(self.inner, self.length_attribute)), self.longest)
+        base, per_token = self.step_times.fit()
+        return best_draft_length(self.acceptance, base, per_token, self.draft_per_token or 0.0, self.longest)
+
+    def get_candidates(self, input_ids: torch.LongTensor, **kwargs) -> tuple[torch.LongTensor, torch.Tensor | None]:
+        length = self.next_length()
+        setattr(self.inner, self.length_attribute, length)
+        started = time.perf_counter()
+        candidates, logits = self.inner.get_candidates(input_ids, **kwargs)
+        self._step_started = time.perf_counter()
+        self._drafted = candidates.shape[1] - input_ids.shape[1]
+        self._step_tokens = candidates.shape[1] - self.cached_tokens()
+        if self._drafted > 0:
+            per_token = (self._step_started - started) / self._drafted
+            previous = per_token if self.draft_per_token is None else self.draft_per_token
+            self.draft_per_token = previous + DRAFT_COST_WEIGHT * (per_token - previous)
+        self.report.asked.append(length)
+        self.report.drafted.append(self._drafted)
+        return candidates, logits
+
+    def update_candidate_strategy(self, input_ids: torch.LongTensor, scores: torch.Tensor, num_matches: int) -> None:
+        self.step_times.add(self._step_tokens, time.perf_counter() - self._step_started)
+        accepted = min(int(num_matches), self._drafted)
+        self.report.accepted.append(accepted)
+        if self._drafted > 0:  # a step with no draft says nothing of acceptance
+            self.accepted_weight = ACCEPTANCE_MEMORY * self.accepted_weight + accepted
+            self.rejected_weight = ACCEPTANCE_MEMORY * self.rejected_weight + (accepted < self._drafted)
+        self.inner.update_candidate_strategy(input_ids, scores, num_matches)  # its length is replaced before the next draft
