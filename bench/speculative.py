@@ -45,7 +45,7 @@ def modes(args, drafts: dict) -> dict[str, tuple[dict, dict]]:
     by_mode = {"plain": ({}, {})}
     for name, request, local in (("prompt lookup", {}, lookup), ("early-exit draft", early, drafts["early-exit"]),
                                  ("small-model draft", small, drafts["small-model"])):
-        local = local if "prompt_lookup_num_tokens" in local else {"assistant_model": local}
+        local = local if isinstance(local, dict) else {"assistant_model": local}
         by_mode[name] = ({**request, "options": {**(lookup if not request else {}), "draft_length": "fixed"}}, local)
         by_mode[f"{name}, adaptive"] = ({**request, "options": {**(longest if not request else {}),
                                                              "draft_length": "adaptive"}},

@@ -19,6 +19,7 @@ from transformers.generation.candidate_generator import (
 )
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
+from client.batched_speculation import BatchedSpeculationError, batched_assisted_greedy, row_drafters
 from client.config import ClientConfig
 from client.inference_session import InferenceSession
 from client.remote_sequential import RemoteSequential
@@ -228,7 +229,6 @@ class DistributedCausalLMMixin:
             logits_processor=logits_processor, model_kwargs=model_kwargs, assistant_model=assistant_model,
             target_tokenizer=target_tokenizer, assistant_tokenizer=assistant_tokenizer,
         )
-        self.last_speculation = None
         mode = self._draft_length or ("fixed" if generation_config.do_sample else "adaptive")
         if mode == "fixed":
             return generator
@@ -242,6 +242,22 @@ class DistributedCausalLMMixin:
         self.last_speculation = SpeculationReport()
         return AdaptiveDraftLength(generator, length_attribute, longest, cache.get_seq_length, self.last_speculation)
 
+    def _assisted_decoding(self, input_ids, logits_processor, stopping_criteria, generation_config, synced_gpus=False,
+                           streamer=None, inputs_tensor=None, assistant_model=None, assistant_tokenizer=None,
+                           tokenizer=None, **model_kwargs):
+        """transformers' assisted decoding for one sequence; several go through client/batched_speculation.py."""
+        if input_ids.shape[0] == 1:
+            return super()._assisted_decoding(
+                input_ids, logits_processor, stopping_criteria, generation_config, synced_gpus, streamer,
+                inputs_tensor, assistant_model, assistant_tokenizer, tokenizer, **model_kwargs)
+        if streamer is not None or assistant_tokenizer is not None:
+            raise BatchedSpeculationError("speculative decoding of several sequences takes no streamer and no "
+                                          "assistant of another tokenizer")
+        drafters = row_drafters(self, generation_config, input_ids, inputs_tensor, logits_processor, model_kwargs,
+                                assistant_model)
+        return batched_assisted_greedy(self, input_ids, logits_processor, stopping_criteria, generation_config,
+                                       drafters, model_kwargs)
+
     def generate(self, inputs: torch.Tensor | None = None, *args, session: InferenceSession | None = None,
                  draft_length: str | None = None, **kwargs):
         """`transformers`' generate on the swarm. Inside `inference_session()`, pass the whole sequence each time, as
@@ -251,7 +267,7 @@ class DistributedCausalLMMixin:
         `_get_candidate_generator`."""
         if draft_length not in (None, *DRAFT_LENGTHS):
             raise ValueError(f"draft_length must be one of {DRAFT_LENGTHS} or None, not {draft_length!r}")
-        self._draft_length = draft_length
+        self._draft_length, self.last_speculation = draft_length, None
         try:
             return self._generate_in_session(inputs, *args, session=session, **kwargs)
         finally:
