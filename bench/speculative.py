@@ -8,7 +8,8 @@ bandwidth caps and the delaying forwarders are bench.wan's: a step pushed from p
 For 2 and 4 peers, greedy decoding of the same prompt: plain, prompt lookup (draft tokens from the text so far), an
 early-exit draft (the model's first --draft-layers blocks and head, held by the client) and a separate small draft
 model (examples/demo_draft_model, held by the client); each draft with transformers' own lengths (prompt lookup
---lookup tokens, an assistant's heuristic schedule) and with the swarm's adaptive ones (client/speculation.py).
+--lookup tokens, an assistant's heuristic schedule) and with the swarm's adaptive ones (client/speculation.py); and a
+batch of --batch different prompts, plain and with the small-model draft (client/batched_speculation.py).
 Figures: tokens/s, ms/token against the round-trip floor ((hops + 1) x delay per step, divided by the tokens a step
 brings), tokens per step (1 + accepted draft tokens), and whether the tokens equal local transformers'.
 --delay-ms 0 gives the same on the bed without delay (a loopback-like figure).
@@ -36,66 +37,86 @@ SMALL_DRAFT = DEMO_MODEL.with_name("demo_draft_model")  # 2 blocks of hidden siz
 PROMPT = "def add(a, b):\n    return a + b\n\ndef sub(a, b):\n    return a - b\n\ndef mul(a, b):\n"
 
 
-def modes(args, drafts: dict) -> dict[str, tuple[dict, dict]]:
-    """mode -> (the swarm client's request, local transformers' generate options). transformers' own draft lengths
-    ("fixed": prompt lookup's --lookup, the assistant's heuristic) and the swarm's adaptive ones (prompt lookup up to
-    --lookup-longest, an assistant up to client.speculation.MAX_ASSISTANT_TOKENS); local runs use transformers' own."""
+def modes(args, drafts: dict, prompt: list[int], batch: list[list[int]]) -> dict[str, tuple[list, dict, dict]]:
+    """mode -> (its prompt or prompts, the swarm client's request, local transformers' generate options).
+    transformers' own draft lengths ("fixed": prompt lookup's --lookup, the assistant's heuristic) and the swarm's
+    adaptive ones (prompt lookup up to --lookup-longest, an assistant up to client.speculation.MAX_ASSISTANT_TOKENS);
+    local runs use transformers' own. A batch is verified in one step per round of drafts (greedy, fixed lengths;
+    transformers' assisted generation takes one sequence, so its local figure is plain batched decoding)."""
     lookup, longest = {"prompt_lookup_num_tokens": args.lookup}, {"prompt_lookup_num_tokens": args.lookup_longest}
     early, small = {"draft_layers": args.draft_layers}, {"draft_model": str(SMALL_DRAFT)}
-    by_mode = {"plain": ({}, {})}
+    by_mode = {"plain": (prompt, {}, {})}
     for name, request, local in (("prompt lookup", {}, lookup), ("early-exit draft", early, drafts["early-exit"]),
                                  ("small-model draft", small, drafts["small-model"])):
         local = local if isinstance(local, dict) else {"assistant_model": local}
-        by_mode[name] = ({**request, "options": {**(lookup if not request else {}), "draft_length": "fixed"}}, local)
-        by_mode[f"{name}, adaptive"] = ({**request, "options": {**(longest if not request else {}),
-                                                             "draft_length": "adaptive"}},
-                                      {**local, **(longest if not request else {})})
+        by_mode[name] = (prompt, {**request, "options": {**(lookup if not request else {}), "draft_length": "fixed"}},
+                         local)
+        by_mode[f"{name}, adaptive"] = (prompt, {**request, "options": {**(longest if not request else {}),
+                                                                       "draft_length": "adaptive"}},
+                                        {**local, **(longest if not request else {})})
+    rows = f"batch of {len(batch)}"
+    by_mode[f"plain, {rows}"] = (batch, {}, {})
+    by_mode[f"small-model draft, {rows}"] = (batch, {**small, "options": {"draft_length": "fixed"}}, {})
     return by_mode
 
 
-def local_run(local, options: dict, prompt: list[int], new_tokens: int) -> dict:
+def batch_prompts(tokenizer, rows: int) -> list[list[int]]:
+    """`rows` different code prompts cut to one length (so that no row needs padding)."""
+    prompts = [tokenizer(PROMPT.replace("mul", name))["input_ids"] for name in ("mul", "div", "mod", "pow", "max")]
+    length = min(len(ids) for ids in prompts[:rows])
+    return [ids[:length] for ids in prompts[:rows]]
+
+
+def local_run(local, options: dict, prompt: list, new_tokens: int) -> dict:
+    batch = torch.tensor(prompt if isinstance(prompt[0], list) else [prompt])
     steps = StepCounter()
     started = time.perf_counter()
     with torch.inference_mode():
-        output = local.generate(torch.tensor([prompt]), stopping_criteria=StoppingCriteriaList([steps]),
-                                max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, **options)
-    return {"seconds": time.perf_counter() - started, "tokens": output[0, len(prompt):].tolist(), "steps": steps.calls}
+        output = local.generate(batch, stopping_criteria=StoppingCriteriaList([steps]), max_new_tokens=new_tokens,
+                                min_new_tokens=new_tokens, do_sample=False, **options)
+    tokens = output[:, batch.shape[1]:] if isinstance(prompt[0], list) else output[0, batch.shape[1]:]
+    return {"seconds": time.perf_counter() - started, "tokens": tokens.tolist(), "steps": steps.calls}
 
 
-def speculation(bench: Bench, args, drafts: dict, prompt: list[int], count: int, lines: list[str]) -> None:
+def speculation(bench: Bench, args, drafts: dict, prompts: tuple[list[int], list[list[int]]], count: int,
+                lines: list[str]) -> None:
     new = args.new_tokens
     print(f"[{count} peers, {args.delay_ms:g} ms one way, {args.mbit:g} Mbit/s] starting peers", flush=True)
     handles = bench.delayed_peers(count)
     client = bench.client({"swarm": {"allowed_peers": [h.peer_id for h in handles], "peer_to_peer": True}},
                           f"speculative{count}")
-    by_mode = modes(args, drafts)
+    by_mode = modes(args, drafts, *prompts)
     try:
         functions = {}
-        for mode, (request, options) in by_mode.items():
-            functions[f"local {mode}"] = lambda options=options: local_run(bench.local, options, prompt, new)
-            functions[mode] = lambda request=request: client.generate("swarm", prompt, new, **request)
+        for mode, (prompt, request, options) in by_mode.items():
+            functions[f"local {mode}"] = lambda prompt=prompt, options=options: local_run(bench.local, options,
+                                                                                          prompt, new)
+            functions[mode] = lambda prompt=prompt, request=request: client.generate("swarm", prompt, new, **request)
         runs = turns(functions, args.repeats)
     finally:
         client.close()
         bench.stop_peers(handles)
-    plain_ms = runs["plain"].median / new * 1e3
-    for mode in by_mode:
+    for mode, (prompt, _, _) in by_mode.items():
+        rows = len(prompt) if isinstance(prompt[0], list) else 1
+        plain = "plain" if rows == 1 else f"plain, batch of {rows}"
         timing, local = runs[mode], runs[f"local {mode}"]
-        ms = timing.median / new * 1e3
+        ms = timing.median / (new * rows) * 1e3
+        plain_ms = runs[plain].median / (new * rows) * 1e3
         per_step = new / max(timing.steps, 1)
-        floor = (count + 1) * args.delay_ms / per_step
-        same = timing.tokens == runs["local plain"].tokens
+        floor = (count + 1) * args.delay_ms / per_step / rows
+        same = timing.tokens == runs[f"local {plain}"].tokens
         lengths = f"{statistics.median(timing.draft_lengths):g}" if timing.draft_lengths else "-"
+        span = timing.span(1e3 / (new * rows))
         bench.results.append(Result(
-            f"speculative, {count} peers, {mode}", "tokens/s", new / timing.median, new / local.median,
-            detail=f"{ms:.1f} ms/token [{timing.span(1e3 / new)}], {per_step:.2f} tokens/step, draft length asked "
-                   f"(median) {lengths}, round-trip floor {floor:.1f} ms/token, {plain_ms / ms:.2f}x plain swarm "
-                   f"decode, same tokens: {same}",
+            f"speculative, {count} peers, {mode}", "tokens/s", new * rows / timing.median, new * rows / local.median,
+            detail=f"{ms:.1f} ms/token [{span}], {per_step:.2f} tokens/step a row, draft length asked (median) "
+                   f"{lengths}, round-trip floor {floor:.1f} ms/token, {plain_ms / ms:.2f}x plain swarm decode, "
+                   f"same tokens: {same}",
         ))
         print(f"  {bench.results[-1].metric}: {bench.results[-1].detail}", flush=True)
-        lines.append(f"| {count} | {mode} | {new / timing.median:.2f} | {ms:.1f} [{timing.span(1e3 / new)}] | "
-                     f"{per_step:.2f} | {lengths} | {floor:.1f} | {plain_ms / ms:.2f}x | "
-                     f"{local.median / new * 1e3:.1f} | {same} |")
+        lines.append(f"| {count} | {mode} | {new * rows / timing.median:.2f} | {ms:.1f} [{span}] | {per_step:.2f} | "
+                     f"{lengths} | {floor:.1f} | {plain_ms / ms:.2f}x | {local.median / (new * rows) * 1e3:.1f} | "
+                     f"{same} |")
 
 
 def main() -> None:
@@ -109,6 +130,7 @@ def main() -> None:
     parser.add_argument("--lookup", type=int, default=4, help="prompt lookup's draft tokens")
     parser.add_argument("--lookup-longest", type=int, default=16, help="prompt lookup's longest adaptive draft")
     parser.add_argument("--draft-layers", type=int, default=1, help="blocks of the early-exit draft")
+    parser.add_argument("--batch", type=int, default=4, help="rows of the batched runs (up to 5)")
     parser.add_argument("--json", default="")
     args = parser.parse_args()
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
@@ -127,7 +149,8 @@ def main() -> None:
             shutil.copy(file, folder)
         local = AutoModelForCausalLM.from_pretrained(folder).eval()
         drafts = {"early-exit": draft_model(folder, args.draft_layers), "small-model": draft_model(str(SMALL_DRAFT))}
-        prompt = AutoTokenizer.from_pretrained(folder)(PROMPT)["input_ids"]
+        tokenizer = AutoTokenizer.from_pretrained(folder)
+        prompt, batch = tokenizer(PROMPT)["input_ids"], batch_prompts(tokenizer, args.batch)
         print(f"demo model, {len(prompt)}-token prompt, {args.new_tokens} new tokens greedy, lookup {args.lookup}, "
               f"draft {args.draft_layers} block(s); {args.repeats} repeats in turns", flush=True)
         lines: list[str] = []
@@ -137,7 +160,7 @@ def main() -> None:
                 bench.start()
                 bench.limit_all(args.mbit)
                 for count in [int(n) for n in args.peers.split(",") if n]:
-                    speculation(bench, args, drafts, prompt, count, lines)
+                    speculation(bench, args, drafts, (prompt, batch), count, lines)
             finally:
                 bench.close()
     print()

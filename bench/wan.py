@@ -87,7 +87,8 @@ def _generate(model, request: dict) -> dict:
     request["draft_model"] the path of a separate small model."""
     from transformers import StoppingCriteriaList
 
-    prompt = torch.tensor([request["prompt"]])
+    batch = isinstance(request["prompt"][0], list)  # several prompts of one length
+    prompt = torch.tensor(request["prompt"] if batch else [request["prompt"]])
     options = dict(max_new_tokens=request["new_tokens"], min_new_tokens=request["new_tokens"], do_sample=False)
     options.update(request.get("options", {}))
     if request.get("draft_layers"):
@@ -103,8 +104,12 @@ def _generate(model, request: dict) -> dict:
     if request.get("logits"):
         torch.save(torch.stack(output.logits).squeeze(1), request["logits"])
         output = output.sequences
-    speculation = getattr(model, "last_speculation", None)  # the swarm model's, when its draft lengths adapted
-    return {"seconds": seconds, "tokens": output[0, prompt.shape[1]:].tolist(), "steps": steps.calls,
+    # the swarm model's report, when its draft lengths adapted or a batch speculated (which checks its stopping
+    # criteria once a token, not once a step)
+    speculation = getattr(model, "last_speculation", None)
+    tokens = output[:, prompt.shape[1]:] if batch else output[0, prompt.shape[1]:]
+    return {"seconds": seconds, "tokens": tokens.tolist(),
+            "steps": speculation.steps if speculation is not None else steps.calls,
             "draft_lengths": speculation.asked if speculation is not None else []}
 
 
@@ -150,7 +155,7 @@ class Client:
             self.close()
             raise
 
-    def generate(self, model: str, prompt: list[int], new_tokens: int, logits: str | None = None, **extra) -> dict:
+    def generate(self, model: str, prompt: list[int] | list[list[int]], new_tokens: int, logits: str | None = None, **extra) -> dict:
         request = {"op": "generate", "model": model, "prompt": prompt, "new_tokens": new_tokens, "logits": logits,
                    **extra}
         self.process.stdin.write((json.dumps(request) + "\n").encode())

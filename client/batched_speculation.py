@@ -24,6 +24,8 @@ from transformers.generation.candidate_generator import (
     _prepare_position_ids,
 )
 
+from client.speculation import SpeculationReport
+
 
 class BatchedSpeculationError(ValueError):
     pass
@@ -62,8 +64,10 @@ def row_drafters(model, generation_config, input_ids: torch.LongTensor, inputs_t
 
 
 def batched_assisted_greedy(model, input_ids: torch.LongTensor, logits_processor, stopping_criteria,
-                            generation_config, drafters: list[CandidateGenerator], model_kwargs: dict) -> torch.LongTensor:
-    """transformers' assisted decoding loop for a batch (see the module docstring); returns the sequences."""
+                            generation_config, drafters: list[CandidateGenerator], model_kwargs: dict,
+                            report: SpeculationReport) -> torch.LongTensor:
+    """transformers' assisted decoding loop for a batch (see the module docstring); returns the sequences. `report`
+    gets, per step, the longest draft and the draft tokens all rows kept."""
     pad = generation_config._pad_token_tensor
     filler = int(pad) if pad is not None else 0  # after a row's draft: never kept, its logits never read
     unfinished = torch.ones(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
@@ -92,6 +96,9 @@ def batched_assisted_greedy(model, input_ids: torch.LongTensor, logits_processor
         drafted = torch.tensor([len(draft) for draft in drafts], device=input_ids.device)
         right = torch.minimum((padded == chosen[:, :-1]).cumprod(dim=-1).sum(dim=-1), drafted)
         kept = int(right[unfinished].min())
+        report.asked.append(longest)
+        report.drafted.append(longest)
+        report.accepted.append(kept)
         for row, drafter in enumerate(drafters):
             if drafts[row].numel():
                 drafter.update_candidate_strategy(candidates[row:row + 1, :length + kept + 1],

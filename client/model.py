@@ -81,7 +81,7 @@ class DistributedCausalLMMixin:
         self.prompt_tuning: PromptTuning | None = None
         self.lora: RemoteLoRA | None = None
         self.last_verification: VerificationReport | None = None  # what the checks of the last generate found
-        self.last_speculation: SpeculationReport | None = None  # the drafts of the last adaptive speculative generate
+        self.last_speculation: SpeculationReport | None = None  # the drafts of the last adaptive or batched generate
         self._draft_length: str | None = None
         self._call_report = VerificationReport()
 
@@ -255,8 +255,9 @@ class DistributedCausalLMMixin:
                                           "assistant of another tokenizer")
         drafters = row_drafters(self, generation_config, input_ids, inputs_tensor, logits_processor, model_kwargs,
                                 assistant_model)
+        self.last_speculation = SpeculationReport()
         return batched_assisted_greedy(self, input_ids, logits_processor, stopping_criteria, generation_config,
-                                       drafters, model_kwargs)
+                                       drafters, model_kwargs, self.last_speculation)
 
     def generate(self, inputs: torch.Tensor | None = None, *args, session: InferenceSession | None = None,
                  draft_length: str | None = None, **kwargs):

@@ -108,6 +108,7 @@ def test_a_batch_speculates_with_plain_greedy_tokens(model, reference, near_draf
         with model.inference_session(max_length=batch["input_ids"].shape[1] + new_tokens + 4) as session:
             assert torch.equal(model.generate(**batch, max_new_tokens=new_tokens, do_sample=False, **options), plain)
             steps = sum(1 for _ in session._history[0])
+        assert model.last_speculation.steps == steps  # what each step drafted and kept, for the caller
         # prompt lookup's drafts are seldom right for the random model; the near draft's often are, in every row
         assert steps < new_tokens / 2 if "assistant_model" in options else steps <= new_tokens
     # a row that ends early (its eos) is padded after it, as plain greedy pads it
