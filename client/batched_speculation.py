@@ -2,13 +2,14 @@
 
 Each row drafts on its own (prompt lookup, or its own generator of the assistant model with the row's own draft
 cache), rows padded on the left as generate pads them. One step through the peers verifies every row's draft, padded
-to the longest; every row then keeps the draft tokens that all unfinished rows had right, plus the model's own token
-after them. All rows advance together, so the peers' caches (one length for the whole batch) roll back to one place
-with the next step, as for one sequence. A row whose draft was right for longer waits for the others: the batch moves
-at the pace of its least predictable row, and each row's tokens are those of plain greedy decoding of the batch.
-
-Greedy decoding only: sampling would need a reference to check a batch's randomness against, which transformers
-does not define for assisted generation of several sequences.
+to the longest, and chooses each row's tokens as transformers does for one sequence (greedy; sampling, with
+speculative sampling when the draft has logits). Every row then keeps as many draft tokens as all unfinished rows
+had accepted, plus its next token: all rows advance together, so the peers' caches (one length for the whole batch)
+roll back to one place with the next step, as for one sequence. A row that accepted more waits for the others: the
+batch moves at the pace of its least predictable row. Greedy rows get plain greedy decoding's tokens; a sampled row
+stays a sample of the model (each kept token was accepted or drawn as speculative sampling draws it, and where a row
+stops depends on its past and on the other rows only). transformers defines no batched assisted sampling to compare
+with: a local model with `BatchedAssistedDecoding` is the one-process reference.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from transformers.generation.candidate_generator import (
     _prepare_attention_mask,
     _prepare_position_ids,
 )
+from transformers.generation.utils import _speculative_sampling
 
 from client.speculation import SpeculationReport
 
@@ -34,9 +36,6 @@ class BatchedSpeculationError(ValueError):
 def row_drafters(model, generation_config, input_ids: torch.LongTensor, inputs_tensor, logits_processor,
                  model_kwargs: dict, assistant_model) -> list[CandidateGenerator]:
     """One of transformers' candidate generators per row (its own attention-mask row, and draft cache)."""
-    if generation_config.do_sample:
-        raise BatchedSpeculationError("speculative decoding of several sequences is greedy only (do_sample=False); "
-                                      "sample them one at a time, or without a draft")
     if generation_config.return_dict_in_generate or generation_config.num_return_sequences > 1:
         raise BatchedSpeculationError("speculative decoding of several sequences returns the sequences only "
                                       "(no return_dict_in_generate, one sequence per prompt)")
@@ -63,24 +62,46 @@ def row_drafters(model, generation_config, input_ids: torch.LongTensor, inputs_t
     ]
 
 
-def batched_assisted_greedy(model, input_ids: torch.LongTensor, logits_processor, stopping_criteria,
-                            generation_config, drafters: list[CandidateGenerator], model_kwargs: dict,
-                            report: SpeculationReport) -> torch.LongTensor:
-    """transformers' assisted decoding loop for a batch (see the module docstring); returns the sequences. `report`
-    gets, per step, the longest draft and the draft tokens all rows kept."""
+class BatchedAssistedDecoding:
+    """Mixed in before a transformers causal LM: assisted generation of one sequence is transformers' own, of several
+    this module's. The swarm's models have it; a local model with it is the one-process reference of a batch."""
+
+    last_speculation: SpeculationReport | None = None  # per step: the longest draft, and the draft tokens kept
+
+    def _assisted_decoding(self, input_ids, logits_processor, stopping_criteria, generation_config, synced_gpus=False,
+                           streamer=None, inputs_tensor=None, assistant_model=None, assistant_tokenizer=None,
+                           tokenizer=None, **model_kwargs):
+        if input_ids.shape[0] == 1:
+            return super()._assisted_decoding(
+                input_ids, logits_processor, stopping_criteria, generation_config, synced_gpus, streamer,
+                inputs_tensor, assistant_model, assistant_tokenizer, tokenizer, **model_kwargs)
+        if streamer is not None or assistant_tokenizer is not None:
+            raise BatchedSpeculationError("speculative decoding of several sequences takes no streamer and no "
+                                          "assistant of another tokenizer")
+        drafters = row_drafters(self, generation_config, input_ids, inputs_tensor, logits_processor, model_kwargs,
+                                assistant_model)
+        self.last_speculation = SpeculationReport()
+        return batched_assisted_decoding(self, input_ids, logits_processor, stopping_criteria, generation_config,
+                                         drafters, model_kwargs, self.last_speculation)
+
+
+def batched_assisted_decoding(model, input_ids: torch.LongTensor, logits_processor, stopping_criteria,
+                              generation_config, drafters: list[CandidateGenerator], model_kwargs: dict,
+                              report: SpeculationReport) -> torch.LongTensor:
+    """transformers' assisted decoding loop for a batch (see the module docstring); returns the sequences."""
     pad = generation_config._pad_token_tensor
     filler = int(pad) if pad is not None else 0  # after a row's draft: never kept, its logits never read
     unfinished = torch.ones(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+    encoder_decoder = model.config.is_encoder_decoder
     first = True
     while bool(unfinished.any()):
         length = input_ids.shape[1]
         room = generation_config.max_length - length - 1  # drafts past it could not be kept
-        drafts = [_draft(drafter, input_ids[row:row + 1], room) if unfinished[row] else input_ids.new_empty(0)
+        drafts = [_draft(drafter, input_ids[row:row + 1], room) if unfinished[row] else (input_ids.new_empty(0), None)
                   for row, drafter in enumerate(drafters)]
-        longest = max(len(draft) for draft in drafts)
-        padded = torch.stack([torch.cat([draft, draft.new_full((longest - len(draft),), filler)]) for draft in drafts])
+        longest = max(len(draft) for draft, _ in drafts)
+        padded = torch.stack([torch.cat([draft, draft.new_full((longest - len(draft),), filler)]) for draft, _ in drafts])
         candidates = torch.cat([input_ids, padded], dim=1)
-        encoder_decoder = model.config.is_encoder_decoder
         kwargs = _prepare_attention_mask(copy.copy(model_kwargs), candidates.shape[1], encoder_decoder)
         if (positions := kwargs.get("position_ids")) is not None and longest > 0:  # as transformers' loop extends them
             kwargs = _prepare_position_ids(kwargs, positions.shape[-1] + longest, encoder_decoder)
@@ -92,20 +113,23 @@ def batched_assisted_greedy(model, input_ids: torch.LongTensor, logits_processor
         logits = outputs.logits[:, -longest - 1:].to(torch.float32)
         for column in range(longest + 1):
             logits[:, column] = logits_processor(candidates[:, :length + column], logits[:, column])
-        chosen = logits.argmax(dim=-1)  # the model's own token at each position: [batch, longest + 1]
-        drafted = torch.tensor([len(draft) for draft in drafts], device=input_ids.device)
-        right = torch.minimum((padded == chosen[:, :-1]).cumprod(dim=-1).sum(dim=-1), drafted)
-        kept = int(right[unfinished].min())
+        # each unfinished row's verified tokens: its draft tokens up to the first wrong one, then the model's own
+        verified = [_verified(draft, draft_logits, logits[row:row + 1, :len(draft) + 1], generation_config.do_sample)
+                    if unfinished[row] else None for row, (draft, draft_logits) in enumerate(drafts)]
+        kept = min(len(tokens) - 1 for tokens in verified if tokens is not None)
         report.asked.append(longest)
         report.drafted.append(longest)
         report.accepted.append(kept)
         for row, drafter in enumerate(drafters):
-            if drafts[row].numel():
+            if verified[row] is not None and len(drafts[row][0]):
                 drafter.update_candidate_strategy(candidates[row:row + 1, :length + kept + 1],
-                                                  logits[row:row + 1, :len(drafts[row]) + 1], int(right[row]))
+                                                  logits[row:row + 1, :len(drafts[row][0]) + 1], len(verified[row]) - 1)
         added = 0
-        for column in range(kept + 1):  # as plain greedy decoding appends them, one token at a time
-            tokens = chosen[:, column] if pad is None else torch.where(unfinished, chosen[:, column], pad)
+        for column in range(kept + 1):  # as plain decoding appends them, one token at a time
+            tokens = torch.stack([row_tokens[column] if row_tokens is not None else input_ids.new_tensor(filler)
+                                  for row_tokens in verified])
+            if pad is not None:
+                tokens = torch.where(unfinished, tokens, pad)
             input_ids = torch.cat([input_ids, tokens[:, None]], dim=1)
             added += 1
             unfinished &= ~stopping_criteria(input_ids, None)
@@ -118,8 +142,26 @@ def batched_assisted_greedy(model, input_ids: torch.LongTensor, logits_processor
     return input_ids
 
 
-def _draft(drafter: CandidateGenerator, row: torch.LongTensor, room: int) -> torch.LongTensor:
+def _draft(drafter: CandidateGenerator, row: torch.LongTensor, room: int) -> tuple[torch.LongTensor, torch.Tensor | None]:
+    """A row's draft tokens (at most `room`) and, from an assistant model, its logits for them."""
     if room <= 0:
-        return row.new_empty(0)
-    candidates, _ = drafter.get_candidates(row)
-    return candidates[0, row.shape[1]:row.shape[1] + room]
+        return row.new_empty(0), None
+    candidates, logits = drafter.get_candidates(row)
+    drafted = min(candidates.shape[1] - row.shape[1], room)
+    return candidates[0, row.shape[1]:row.shape[1] + drafted], None if logits is None else logits[:, :drafted]
+
+
+def _verified(draft: torch.LongTensor, draft_logits: torch.Tensor | None, logits: torch.Tensor,
+              do_sample: bool) -> torch.LongTensor:
+    """One row's accepted draft tokens plus the model's next token, as transformers' loop chooses them for one
+    sequence: greedy (argmax), speculative sampling (with the draft's logits), or sampling checked against the draft."""
+    drafted = len(draft)
+    if do_sample and draft_logits is not None and drafted:
+        tokens, _ = _speculative_sampling(torch.cat([draft.new_zeros(1), draft])[None], draft_logits, drafted, logits)
+        return tokens[0]
+    if do_sample:
+        chosen = torch.multinomial(logits[0].softmax(dim=-1), num_samples=1).squeeze(1)
+    else:
+        chosen = logits[0].argmax(dim=-1)
+    right = int((draft == chosen[:drafted]).cumprod(dim=0).sum())
+    return chosen[:right + 1]

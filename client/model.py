@@ -19,7 +19,7 @@ from transformers.generation.candidate_generator import (
 )
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
-from client.batched_speculation import BatchedSpeculationError, batched_assisted_greedy, row_drafters
+from client.batched_speculation import BatchedAssistedDecoding
 from client.config import ClientConfig
 from client.inference_session import InferenceSession
 from client.remote_sequential import RemoteSequential
@@ -68,7 +68,7 @@ class RemotePastKeyValues(Cache):
             self.session.rewind(self.session.position + tokens_to_remove)
 
 
-class DistributedCausalLMMixin:
+class DistributedCausalLMMixin(BatchedAssistedDecoding):
     """Mixed in before a family's `...ForCausalLM`; see the module docstring."""
 
     family: Family
@@ -241,23 +241,6 @@ class DistributedCausalLMMixin:
         cache = model_kwargs["past_key_values"]
         self.last_speculation = SpeculationReport()
         return AdaptiveDraftLength(generator, length_attribute, longest, cache.get_seq_length, self.last_speculation)
-
-    def _assisted_decoding(self, input_ids, logits_processor, stopping_criteria, generation_config, synced_gpus=False,
-                           streamer=None, inputs_tensor=None, assistant_model=None, assistant_tokenizer=None,
-                           tokenizer=None, **model_kwargs):
-        """transformers' assisted decoding for one sequence; several go through client/batched_speculation.py."""
-        if input_ids.shape[0] == 1:
-            return super()._assisted_decoding(
-                input_ids, logits_processor, stopping_criteria, generation_config, synced_gpus, streamer,
-                inputs_tensor, assistant_model, assistant_tokenizer, tokenizer, **model_kwargs)
-        if streamer is not None or assistant_tokenizer is not None:
-            raise BatchedSpeculationError("speculative decoding of several sequences takes no streamer and no "
-                                          "assistant of another tokenizer")
-        drafters = row_drafters(self, generation_config, input_ids, inputs_tensor, logits_processor, model_kwargs,
-                                assistant_model)
-        self.last_speculation = SpeculationReport()
-        return batched_assisted_greedy(self, input_ids, logits_processor, stopping_criteria, generation_config,
-                                       drafters, model_kwargs, self.last_speculation)
 
     def generate(self, inputs: torch.Tensor | None = None, *args, session: InferenceSession | None = None,
                  draft_length: str | None = None, **kwargs):

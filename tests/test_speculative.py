@@ -9,6 +9,7 @@ import torch
 from transformers import LlamaForCausalLM
 
 from client import AutoDistributedModelForCausalLM
+from client.batched_speculation import BatchedAssistedDecoding
 from swarm.checkpoint_maker import byte_tokenizer
 
 SPANS = {"first": "0:2", "second": "2:4"}
@@ -116,8 +117,23 @@ def test_a_batch_speculates_with_plain_greedy_tokens(model, reference, near_draf
     ending = {"max_new_tokens": new_tokens, "do_sample": False, "eos_token_id": eos, "pad_token_id": 0}
     expected = reference.generate(**batch, **ending)
     assert torch.equal(model.generate(**batch, prompt_lookup_num_tokens=4, **ending), expected)
-    with pytest.raises(ValueError, match="greedy only"):
-        model.generate(**batch, max_new_tokens=4, do_sample=True, prompt_lookup_num_tokens=2)
+
+
+def test_a_batch_samples_as_the_same_loop_in_one_process(model, tiny_llama, near_draft):
+    """Sampled, a speculating batch is checked against the same batched loop on a local transformers model (which
+    transformers itself does not have), seed for seed: speculative sampling with the near draft's logits, and
+    sampling checked against prompt lookup's drafts."""
+    local = type("LocalBatched", (BatchedAssistedDecoding, LlamaForCausalLM), {}).from_pretrained(tiny_llama).eval()
+    batch = byte_tokenizer()(UNEVEN, return_tensors="pt", padding=True)
+    sampling = {"max_new_tokens": 20, "do_sample": True, "temperature": 0.8, "top_k": 40}
+    for options in ({"prompt_lookup_num_tokens": 4}, {"assistant_model": near_draft}):
+        results = []
+        for generator in (local, model):
+            torch.manual_seed(21)
+            results.append(generator.generate(**batch, **sampling, **options))
+        assert torch.equal(results[1], results[0])
+        assert model.last_speculation.accepted == local.last_speculation.accepted
+    assert sum(model.last_speculation.accepted) > 0  # the near draft's tokens were kept, some steps
 
 
 def test_greedy_drafts_adapt_and_keep_the_tokens(model, reference, early_exit_draft):
