@@ -108,7 +108,12 @@ SCENARIOS = {
     "assisted-sampling": (
         ["ab ab ab ab ab"], dict(max_new_tokens=40, do_sample=True, temperature=0.8, assistant_model=EARLY_EXIT, seed=5), 2
     ),
+    # a batch drafting row by row (client/batched_speculation.py): plain greedy's tokens, which are the reference
+    "batch-prompt-lookup": (
+        ["ab ab ab ab ab", "abc abc abc", "ab"], dict(max_new_tokens=32, do_sample=False, prompt_lookup_num_tokens=4), 2
+    ),
 }
+DRAFT_OPTIONS = ("prompt_lookup_num_tokens", "assistant_model")
 
 
 @pytest.mark.slow
@@ -118,7 +123,9 @@ def test_generation_survives_peer_kills(model, swarm, reference, tiny_llama, sce
     inputs = byte_tokenizer()(texts, return_tensors="pt", padding=True)
     rng = random.Random(scenario)
     seed = options.get("seed")
-    local_options = {key: value for key, value in options.items() if key != "seed"}
+    # transformers drafts for one sequence only: a batch's local reference is plain greedy decoding
+    left_out = ("seed", *DRAFT_OPTIONS) if len(texts) > 1 else ("seed",)
+    local_options = {key: value for key, value in options.items() if key not in left_out}
     if seed is not None:
         torch.manual_seed(seed)
     expected = reference.generate(**inputs, **with_draft(local_options, tiny_llama))
