@@ -36,9 +36,9 @@ class BatchedSpeculationError(ValueError):
 def row_drafters(model, generation_config, input_ids: torch.LongTensor, inputs_tensor, logits_processor,
                  model_kwargs: dict, assistant_model) -> list[CandidateGenerator]:
     """One of transformers' candidate generators per row (its own attention-mask row, and draft cache)."""
-    if generation_config.return_dict_in_generate or generation_config.num_return_sequences > 1:
+    if generation_config.return_dict_in_generate:  # (transformers refuses num_return_sequences > 1 itself)
         raise BatchedSpeculationError("speculative decoding of several sequences returns the sequences only "
-                                      "(no return_dict_in_generate, one sequence per prompt)")
+                                      "(no return_dict_in_generate)")
     if generation_config.prompt_lookup_num_tokens is not None:
         lookup = PromptLookupCandidateGenerator(  # keeps no state of its own: one serves every row
             eos_token_id=generation_config._eos_token_tensor,

@@ -88,11 +88,6 @@ class SpeculationReport:
     def steps(self) -> int:
         return len(self.asked)
 
-    @property
-    def acceptance(self) -> float:
-        """Accepted draft tokens over drafted ones (0 when nothing was drafted)."""
-        return sum(self.accepted) / max(sum(self.drafted), 1)
-
 
 class AdaptiveDraftLength:
     """Stands in for one of transformers' candidate generators (prompt lookup or an assistant model) in its assisted

@@ -117,6 +117,9 @@ def test_a_batch_speculates_with_plain_greedy_tokens(model, reference, near_draf
     ending = {"max_new_tokens": new_tokens, "do_sample": False, "eos_token_id": eos, "pad_token_id": 0}
     expected = reference.generate(**batch, **ending)
     assert torch.equal(model.generate(**batch, prompt_lookup_num_tokens=4, **ending), expected)
+    # what the batched loop does not give is refused before any step, with its reason
+    with pytest.raises(ValueError, match="returns the sequences only"):
+        model.generate(**batch, max_new_tokens=4, do_sample=False, prompt_lookup_num_tokens=2, return_dict_in_generate=True)
 
 
 def test_a_batch_samples_as_the_same_loop_in_one_process(model, tiny_llama, near_draft):
