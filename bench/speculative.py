@@ -11,7 +11,8 @@ model (examples/demo_draft_model, held by the client); each draft with transform
 --lookup tokens, an assistant's heuristic schedule) and with the swarm's adaptive ones (client/speculation.py); and a
 batch of --batch different prompts, plain and with the small-model draft (client/batched_speculation.py).
 Figures: tokens/s, ms/token against the round-trip floor ((hops + 1) x delay per step, divided by the tokens a step
-brings), tokens per step (1 + accepted draft tokens), and whether the tokens equal local transformers'.
+brings), tokens per step (1 + accepted draft tokens), the acceptance rate (draft tokens kept of those drafted), and
+whether the tokens equal local transformers'.
 --delay-ms 0 gives the same on the bed without delay (a loopback-like figure).
 """
 
@@ -106,16 +107,17 @@ def speculation(bench: Bench, args, drafts: dict, prompts: tuple[list[int], list
         floor = (count + 1) * args.delay_ms / per_step / rows
         same = timing.tokens == runs[f"local {plain}"].tokens
         lengths = f"{statistics.median(timing.draft_lengths):g}" if timing.draft_lengths else "-"
+        acceptance = "-" if timing.acceptance is None else f"{timing.acceptance:.0%} of {timing.drafted}"
         span = timing.span(1e3 / (new * rows))
         bench.results.append(Result(
             f"speculative, {count} peers, {mode}", "tokens/s", new * rows / timing.median, new * rows / local.median,
             detail=f"{ms:.1f} ms/token [{span}], {per_step:.2f} tokens/step a row, draft length asked (median) "
-                   f"{lengths}, round-trip floor {floor:.1f} ms/token, {plain_ms / ms:.2f}x plain swarm decode, "
+                   f"{lengths}, draft tokens accepted {acceptance}, round-trip floor {floor:.1f} ms/token, {plain_ms / ms:.2f}x plain swarm decode, "
                    f"same tokens: {same}",
         ))
         print(f"  {bench.results[-1].metric}: {bench.results[-1].detail}", flush=True)
         lines.append(f"| {count} | {mode} | {new * rows / timing.median:.2f} | {ms:.1f} [{span}] | {per_step:.2f} | "
-                     f"{lengths} | {floor:.1f} | {plain_ms / ms:.2f}x | {local.median / (new * rows) * 1e3:.1f} | "
+                     f"{lengths} | {acceptance} | {floor:.1f} | {plain_ms / ms:.2f}x | {local.median / (new * rows) * 1e3:.1f} | "
                      f"{same} |")
 
 
@@ -166,9 +168,9 @@ def main() -> None:
     print()
     print(table(bench.results))
     print(f"\n{args.delay_ms:g} ms one way into each peer host, {args.mbit:g} Mbit/s:\n")
-    print("| peers | mode | tokens/s | ms/token [min-max] | tokens/step | draft length asked | round-trip floor "
-          "ms/token | vs plain | local ms/token | same tokens |")
-    print("|---|---|---:|---:|---:|---:|---:|---:|---:|---|")
+    print("| peers | mode | tokens/s | ms/token [min-max] | tokens/step | draft length asked | accepted | "
+          "round-trip floor ms/token | vs plain | local ms/token | same tokens |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|")
     print("\n".join(lines))
     if args.json:
         save_json(bench.results, args.json)

@@ -104,13 +104,15 @@ def _generate(model, request: dict) -> dict:
     if request.get("logits"):
         torch.save(torch.stack(output.logits).squeeze(1), request["logits"])
         output = output.sequences
-    # the swarm model's report, when its draft lengths adapted or a batch speculated (which checks its stopping
-    # criteria once a token, not once a step)
+    # the swarm model's report of a speculative call (a speculating batch checks its stopping criteria once a token,
+    # not once a step)
     speculation = getattr(model, "last_speculation", None)
     tokens = output[:, prompt.shape[1]:] if batch else output[0, prompt.shape[1]:]
-    return {"seconds": seconds, "tokens": tokens.tolist(),
-            "steps": speculation.steps if speculation is not None else steps.calls,
-            "draft_lengths": speculation.asked if speculation is not None else []}
+    result = {"seconds": seconds, "tokens": tokens.tolist(), "steps": steps.calls}
+    if speculation is not None:
+        result.update(steps=speculation.steps, draft_lengths=speculation.asked, drafted=sum(speculation.drafted),
+                      accepted=sum(speculation.accepted))
+    return result
 
 
 class StepCounter:
@@ -212,6 +214,12 @@ class Timings:
     tokens: list[int]
     steps: int = 0  # steps through the model in the last run (fewer than tokens when speculating)
     draft_lengths: list[int] = dataclasses.field(default_factory=list)  # asked for, per step, in the last run
+    drafted: int = 0  # draft tokens of the last run
+    accepted: int = 0  # of which the steps kept
+
+    @property
+    def acceptance(self) -> float | None:
+        return self.accepted / self.drafted if self.drafted else None
 
     @property
     def median(self) -> float:
@@ -235,6 +243,7 @@ def turns(functions: dict[str, Callable[[], dict]], repeats: int) -> dict[str, T
             runs[name].tokens = result["tokens"]
             runs[name].steps = result.get("steps", 0)
             runs[name].draft_lengths = result.get("draft_lengths", [])
+            runs[name].drafted, runs[name].accepted = result.get("drafted", 0), result.get("accepted", 0)
     return runs
 
 

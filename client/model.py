@@ -23,7 +23,7 @@ from client.batched_speculation import BatchedAssistedDecoding
 from client.config import ClientConfig
 from client.inference_session import InferenceSession
 from client.remote_sequential import RemoteSequential
-from client.speculation import MAX_ASSISTANT_TOKENS, AdaptiveDraftLength, SpeculationReport
+from client.speculation import MAX_ASSISTANT_TOKENS, AdaptiveDraftLength, SpeculationReport, record_drafts
 from client.tuning import PromptTuning, RemoteLoRA
 from client.verification import VerificationReport, WrongAnswerCaught
 from swarm import huge_pages
@@ -81,7 +81,7 @@ class DistributedCausalLMMixin(BatchedAssistedDecoding):
         self.prompt_tuning: PromptTuning | None = None
         self.lora: RemoteLoRA | None = None
         self.last_verification: VerificationReport | None = None  # what the checks of the last generate found
-        self.last_speculation: SpeculationReport | None = None  # the drafts of the last adaptive or batched generate
+        self.last_speculation: SpeculationReport | None = None  # the drafts of the last speculative generate
         self._draft_length: str | None = None
         self._call_report = VerificationReport()
 
@@ -229,17 +229,17 @@ class DistributedCausalLMMixin(BatchedAssistedDecoding):
             logits_processor=logits_processor, model_kwargs=model_kwargs, assistant_model=assistant_model,
             target_tokenizer=target_tokenizer, assistant_tokenizer=assistant_tokenizer,
         )
-        mode = self._draft_length or ("fixed" if generation_config.do_sample else "adaptive")
-        if mode == "fixed":
-            return generator
         if type(generator) is PromptLookupCandidateGenerator:  # its configured length is what the session has room for
             length_attribute, longest = "num_output_tokens", generator.num_output_tokens
         elif type(generator) in (AssistedCandidateGenerator, EarlyExitCandidateGenerator):
             length_attribute, longest = "num_assistant_tokens", MAX_ASSISTANT_TOKENS
         else:
             return generator
-        cache = model_kwargs["past_key_values"]
         self.last_speculation = SpeculationReport()
+        record_drafts(generator, length_attribute, self.last_speculation)
+        if (self._draft_length or ("fixed" if generation_config.do_sample else "adaptive")) == "fixed":
+            return generator
+        cache = model_kwargs["past_key_values"]
         return AdaptiveDraftLength(generator, length_attribute, longest, cache.get_seq_length, self.last_speculation)
 
     def generate(self, inputs: torch.Tensor | None = None, *args, session: InferenceSession | None = None,

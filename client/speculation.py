@@ -89,9 +89,30 @@ class SpeculationReport:
         return len(self.asked)
 
 
+def record_drafts(generator, length_attribute: str, report: SpeculationReport) -> None:
+    """Has transformers' own candidate generator note each draft in `report` (the length it was set to, the tokens it
+    drafted, those the step accepted) without changing what it does. Its methods are wrapped on the instance rather
+    than the generator wrapped: transformers' loop checks the generator's class after the last step (to keep an
+    assistant's heuristic draft length for its next call), so it must stay what it is."""
+    get_candidates, update_candidate_strategy = generator.get_candidates, generator.update_candidate_strategy
+
+    def recorded_get_candidates(input_ids: torch.LongTensor, *args, **kwargs):
+        report.asked.append(int(getattr(generator, length_attribute)))
+        candidates, logits = get_candidates(input_ids, *args, **kwargs)
+        report.drafted.append(candidates.shape[1] - input_ids.shape[1])
+        return candidates, logits
+
+    def recorded_update(input_ids: torch.LongTensor, scores: torch.Tensor, num_matches: int) -> None:
+        report.accepted.append(min(int(num_matches), report.drafted[-1]))
+        update_candidate_strategy(input_ids, scores, num_matches)
+
+    generator.get_candidates, generator.update_candidate_strategy = recorded_get_candidates, recorded_update
+
+
 class AdaptiveDraftLength:
     """Stands in for one of transformers' candidate generators (prompt lookup or an assistant model) in its assisted
-    decoding loop, setting the inner generator's draft length before each draft (see the module docstring).
+    decoding loop, setting the inner generator's draft length before each draft (see the module docstring). The
+    inner generator records its drafts in `report` (record_drafts), which this reads back.
     `cached_tokens()` tells how many of the sequence's tokens the chain holds (a step sends the rest)."""
 
     def __init__(self, inner, length_attribute: str, longest: int, cached_tokens, report: SpeculationReport):
@@ -100,7 +121,7 @@ class AdaptiveDraftLength:
         self.step_times = StepTimeFit()
         self.accepted_weight, self.rejected_weight = 0.0, 0.0
         self.draft_per_token: float | None = None
-        self._drafted = self._step_tokens = 0
+        self._step_tokens = 0
         self._step_started = 0.0
 
     # what transformers' loop reads of a candidate generator besides the two methods
@@ -124,26 +145,22 @@ class AdaptiveDraftLength:
         return best_draft_length(self.acceptance, base, per_token, self.draft_per_token or 0.0, self.longest)
 
     def get_candidates(self, input_ids: torch.LongTensor, **kwargs) -> tuple[torch.LongTensor, torch.Tensor | None]:
-        length = self.next_length()
-        setattr(self.inner, self.length_attribute, length)
+        setattr(self.inner, self.length_attribute, self.next_length())
         started = time.perf_counter()
         candidates, logits = self.inner.get_candidates(input_ids, **kwargs)
         self._step_started = time.perf_counter()
-        self._drafted = candidates.shape[1] - input_ids.shape[1]
         self._step_tokens = candidates.shape[1] - self.cached_tokens()
-        if self._drafted > 0:
-            per_token = (self._step_started - started) / self._drafted
+        drafted = self.report.drafted[-1]
+        if drafted > 0:
+            per_token = (self._step_started - started) / drafted
             previous = per_token if self.draft_per_token is None else self.draft_per_token
             self.draft_per_token = previous + DRAFT_COST_WEIGHT * (per_token - previous)
-        self.report.asked.append(length)
-        self.report.drafted.append(self._drafted)
         return candidates, logits
 
     def update_candidate_strategy(self, input_ids: torch.LongTensor, scores: torch.Tensor, num_matches: int) -> None:
         self.step_times.add(self._step_tokens, time.perf_counter() - self._step_started)
-        accepted = min(int(num_matches), self._drafted)
-        self.report.accepted.append(accepted)
-        if self._drafted > 0:  # a step with no draft says nothing of acceptance
-            self.accepted_weight = ACCEPTANCE_MEMORY * self.accepted_weight + accepted
-            self.rejected_weight = ACCEPTANCE_MEMORY * self.rejected_weight + (accepted < self._drafted)
         self.inner.update_candidate_strategy(input_ids, scores, num_matches)  # its length is replaced before the next draft
+        drafted, accepted = self.report.drafted[-1], self.report.accepted[-1]
+        if drafted > 0:  # a step with no draft says nothing of acceptance
+            self.accepted_weight = ACCEPTANCE_MEMORY * self.accepted_weight + accepted
+            self.rejected_weight = ACCEPTANCE_MEMORY * self.rejected_weight + (accepted < drafted)

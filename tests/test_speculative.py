@@ -150,6 +150,11 @@ def test_greedy_drafts_adapt_and_keep_the_tokens(model, reference, early_exit_dr
         assert all(1 <= asked <= options.get("prompt_lookup_num_tokens", 32) for asked in report.asked)
         assert torch.equal(model.generate(**inputs(), max_new_tokens=30, do_sample=False, draft_length="fixed",
                                           **options), plain)
-        assert model.last_speculation is None
+        fixed = model.last_speculation  # recorded as well, with transformers' own lengths
+        assert fixed.steps >= 2 and sum(fixed.accepted) <= sum(fixed.drafted) <= sum(fixed.asked)
+        # prompt lookup's configured length; the assistant's is this transformers' default, 20 on a constant schedule
+        assert set(fixed.asked) == {options.get("prompt_lookup_num_tokens", 20)}
+    assert model.generate(**inputs(), max_new_tokens=4, do_sample=False) is not None
+    assert model.last_speculation is None  # no draft, no report
     with pytest.raises(ValueError, match="draft_length must be one of"):
         model.generate(**inputs(), max_new_tokens=2, prompt_lookup_num_tokens=2, draft_length="long")
