@@ -3,9 +3,10 @@
     python -m bench.verification [--hidden 1024 --layers 8] [--repeats 5] [--new-tokens 64] [--sessions 16]
 
 Two peers each serve every block (so every answer can be checked by the other); local `transformers` decodes the
-same prompt in the same run. Figures: decode tokens/s with verification on (the default) and off, for one session
-(`generate`) and for many sessions stepping at once from threads of one client (each checked at its end, as
-`generate` does); then a peer that lies on 1 step in 20 (tests/liar_peer.py) against clients checking every
+same prompt in the same run. Figures: decode tokens/s with verification as by default (every call checked until a
+peer has passed its probation, then spot checks: measured after the probation), with every call checked (what a peer
+on probation costs) and off, for one session (`generate`) and for many sessions stepping at once from threads of one
+client (each checked at its end, as `generate` does); then a peer that lies on 1 step in 20 (tests/liar_peer.py) against clients checking every
 `verify_every` steps: how many generations end with local's tokens (all must), and how many wrong steps the liar
 answered before it was caught (what was computed again).
 """
@@ -21,17 +22,16 @@ import time
 import torch
 from transformers import LlamaForCausalLM
 
-from bench.common import add_model_arguments, interleaved_medians, model_config
+from bench.common import add_model_arguments, interleaved_medians, interleaved_timings, model_config
 from client import AutoDistributedModelForCausalLM
 from peer.local_swarm import PeerHandle, spawn_cli, start_bootstrap, start_peers
 from swarm.checkpoint_maker import save_random_checkpoint
 
 
-def sessions_decode(model, prompts: torch.Tensor, new_tokens: int, verify: bool) -> float:
+def sessions_decode(model, prompts: torch.Tensor, new_tokens: int) -> float:
     """Seconds for every row of `prompts` to decode `new_tokens` tokens in a session of its own, each from a thread
-    (feeding fixed tokens: the cost of the steps, not of the head), then checked if `verify`."""
+    (feeding fixed tokens: the cost of the steps, not of the head), then checked as the model's settings say."""
     embed = model.get_input_embeddings()
-    model.remote.config.verify = verify
 
     def run(row: torch.Tensor) -> None:
         with torch.inference_mode(), model.remote.inference_session(max_length=row.numel() + new_tokens) as session:
@@ -50,36 +50,47 @@ def sessions_decode(model, prompts: torch.Tensor, new_tokens: int, verify: bool)
 
 
 def cost(args, folder: str, local, bootstrap: str) -> None:
+    """Three clients: the default (checks at every call until a peer has passed its probation, then spot checks),
+    one checking every call (what a peer on probation costs), and one checking nothing. The default one gets
+    through the peers' probation before anything is timed."""
     prompt = torch.randint(3, local.config.vocab_size, (1, 16))
     options = dict(max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens, do_sample=False)
-    checked = AutoDistributedModelForCausalLM.from_pretrained(folder, initial_peers=[bootstrap])
-    unchecked = AutoDistributedModelForCausalLM.from_pretrained(folder, initial_peers=[bootstrap], verify=False)
+    clients = {
+        "spot": AutoDistributedModelForCausalLM.from_pretrained(folder, initial_peers=[bootstrap]),
+        "every": AutoDistributedModelForCausalLM.from_pretrained(folder, initial_peers=[bootstrap], spot_check_rate=1.0),
+        "off": AutoDistributedModelForCausalLM.from_pretrained(folder, initial_peers=[bootstrap], verify=False),
+    }
     try:
-        runs = {
-            "local": lambda: local.generate(prompt, **options),
-            "on": lambda: checked.generate(prompt, **options),
-            "off": lambda: unchecked.generate(prompt, **options),
-        }
+        default = clients["spot"]
+        for _ in range(default.remote.config.verify_probation):  # the routed peer's probation
+            default.generate(prompt, **options)
+        trusted = sum(default.remote.view.is_trusted(span.peer_id) for span in default.remote.view.peer_spans())
+        runs = {"local": lambda: local.generate(prompt, **options)}
+        runs.update({name: lambda model=model: model.generate(prompt, **options) for name, model in clients.items()})
         seconds = interleaved_medians(runs, args.repeats)
-        output = checked.generate(prompt, **options)
+        checks = [default.generate(prompt, **options).verification.checks for _ in range(args.repeats * 4)]
+        output = clients["every"].generate(prompt, **options)
         same = torch.equal(output, local.generate(prompt, **options))
         rate = {name: args.new_tokens / value for name, value in seconds.items()}
-        print(f"| single session, {args.new_tokens} tokens | {rate['on']:.1f} | {rate['off']:.1f} | "
-              f"{rate['on'] / rate['off']:.3f} | {rate['local']:.1f} | checks {output.verification.checks}, same "
+        print(f"| single session, {args.new_tokens} tokens | {rate['spot']:.1f} | {rate['every']:.1f} | "
+              f"{rate['off']:.1f} | {rate['spot'] / rate['off']:.3f} | {rate['every'] / rate['off']:.3f} | "
+              f"{rate['local']:.1f} | {trusted} peers trusted; {sum(checks)} checks in {len(checks)} calls; same "
               f"tokens as local: {same} |")
         prompts = torch.randint(3, local.config.vocab_size, (args.sessions, 8))
-        on, off = [], []
-        for _ in range(args.repeats):
-            on.append(sessions_decode(checked, prompts, args.new_tokens, True))
-            off.append(sessions_decode(checked, prompts, args.new_tokens, False))
+        for model in clients.values():  # warm-up
+            sessions_decode(model, prompts, args.new_tokens)
+        runs = {name: lambda model=model: sessions_decode(model, prompts, args.new_tokens)
+                for name, model in clients.items()}
+        timings = interleaved_timings(runs, args.repeats)
         tokens = args.sessions * args.new_tokens
-        print(f"| {args.sessions} sessions, one client process | {tokens / statistics.median(on):.1f} "
-              f"({tokens / max(on):.1f}-{tokens / min(on):.1f}) | {tokens / statistics.median(off):.1f} "
-              f"({tokens / max(off):.1f}-{tokens / min(off):.1f}) | "
-              f"{statistics.median(off) / statistics.median(on):.3f} | | |")
+        rate = {name: tokens / statistics.median(values) for name, values in timings.items()}
+        spans = {name: f"({tokens / max(values):.1f}-{tokens / min(values):.1f})" for name, values in timings.items()}
+        print(f"| {args.sessions} sessions, one client process | {rate['spot']:.1f} {spans['spot']} | "
+              f"{rate['every']:.1f} {spans['every']} | {rate['off']:.1f} {spans['off']} | "
+              f"{rate['spot'] / rate['off']:.3f} | {rate['every'] / rate['off']:.3f} | | |")
     finally:
-        checked.close()
-        unchecked.close()
+        for model in clients.values():
+            model.close()
 
 
 def detection(args, folder: str, local, bootstrap: str, honest: list[PeerHandle]) -> None:
@@ -128,8 +139,9 @@ def main() -> None:
         node, bootstrap = start_bootstrap()
         honest = start_peers(folder, bootstrap, [f"0:{args.layers}"] * 2)
         try:
-            print("| decode | verification on, tokens/s | off | on / off | local transformers | |")
-            print("|---|---:|---:|---:|---:|---|")
+            print("| decode | verification on (default: spot checks once trusted), tokens/s | every call checked "
+                  "| off | default / off | every call / off | local transformers | |")
+            print("|---|---:|---:|---:|---:|---:|---:|---|")
             cost(args, folder, local, bootstrap)
             print("\n| a peer wrong on 1 step in 20 | generations with local's tokens | liars caught | wrong steps "
                   "before caught |")

@@ -48,10 +48,22 @@ class ClientConfig:
     # checked.
     verify: bool = True
     verify_every: int = 0
+    # Trust is earned: a peer's inference answers are checked at every call until it has passed verify_probation
+    # checks with this client; after that each check of it happens with probability spot_check_rate only, drawn anew
+    # each time (the peer cannot tell a checked call from another). A trusted peer that turns liar is caught after
+    # 1 / spot_check_rate - 1 unchecked calls on average, and those calls' results say they were not checked
+    # (`verification.spot_skipped`). spot_check_rate=1.0 checks every call of every peer. Training calls are all
+    # checked.
+    verify_probation: int = 10
+    spot_check_rate: float = 0.25
     # A peer caught answering wrong is avoided for liar_ban_seconds, doubling each time up to max_liar_ban_seconds.
     liar_ban_seconds: float = 3600.0
     max_liar_ban_seconds: float = 7 * 24 * 3600.0
 
     def __post_init__(self) -> None:
+        if not 0.0 < self.spot_check_rate <= 1.0:
+            raise ValueError(f"spot_check_rate must be in (0, 1], not {self.spot_check_rate!r}")
+        if self.verify_probation < 0:
+            raise ValueError(f"verify_probation must be >= 0, not {self.verify_probation!r}")
         if self.quantization != "any" and self.quantization not in QUANTIZATIONS:
             raise ValueError(f"quantization must be any, {', '.join(QUANTIZATIONS)}; not {self.quantization!r}")

@@ -404,6 +404,11 @@ class InferenceSession:
                 self._check_hop(index)
         return self.report
 
+    def _spared(self, peer_id: str) -> bool:
+        """Whether this check of a peer's answers is skipped: a peer through its probation is spot-checked only."""
+        config = self.remote.config
+        return self.remote.view.is_trusted(peer_id) and self._check_rng.random() >= config.spot_check_rate
+
     def _check_interval(self) -> int:
         every = self.remote.config.verify_every
         return self._check_rng.randint(max(every // 2, 1), max(every * 3 // 2, 1)) if every > 0 else 1 << 62
@@ -411,6 +416,11 @@ class InferenceSession:
     def _check_hop(self, index: int) -> None:
         timeline, hop = self._timelines[index], self._hops[index].hop
         if timeline.tokens == timeline.verified_tokens:
+            return
+        blocks = (hop.start, hop.end)
+        if self._spared(hop.peer.peer_id):  # its tokens stay unverified: a later check of the session covers them
+            if blocks not in self.report.spot_skipped:
+                self.report.spot_skipped.append(blocks)
             return
         recorded = timeline.tensors()
         dtypes = {self._hops[index].dtype}
@@ -432,6 +442,8 @@ class InferenceSession:
         )
         if trusted is None:
             return
+        if blocks in self.report.spot_skipped:  # skipped earlier in the call, covered now
+            self.report.spot_skipped.remove(blocks)
         if trusted is recorded["outputs"]:
             timeline.verified_tokens = timeline.tokens
             return

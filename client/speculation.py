@@ -6,11 +6,14 @@ best length also depends on the round trip: every verification step pays the cha
 tokens it carries. `AdaptiveDraftLength` wraps transformers' candidate generator and, before each draft, picks the
 length K that maximises the expected tokens per second of one step:
 
-    expected tokens (1 - a^(K+1)) / (1 - a)  /  (step base + (K + 1) x per-token step cost + K x draft cost)
+    expected tokens 1 + sum over k <= K of (a_1 x ... x a_k)  /  (step base + (K + 1) x per-token step cost
+                                                                  + K x draft cost)
 
-with `a` the observed probability that a draft token is accepted after the ones before it were, the step's base
-(the round trip, mostly) and per-token cost fitted to the verification steps timed so far (the first carries the
-whole prompt, so the fit has two very different sizes from the start), and the draft's cost per token timed too.
+with a_i the observed probability that the i-th draft token is accepted once those before it were (per position:
+prompt lookup's drafts, say, are often right for a few tokens and then never; a position seen little leans on the
+rate of all positions together), the step's base (the round trip, mostly) and per-token cost fitted to the
+verification steps timed so far (the first carries the whole prompt, so the fit has two very different sizes from
+the start), and the draft's cost per token timed too.
 
 The choice depends on timings, so under sampling it changes how much randomness a run draws: a seed then no longer
 repeats the same tokens. It is therefore used by default for greedy decoding only (DistributedCausalLMMixin).
@@ -21,33 +24,64 @@ from __future__ import annotations
 import statistics
 import time
 from collections import deque
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
 
 MAX_ASSISTANT_TOKENS = 32  # the longest draft asked of an assistant model (prompt lookup: its configured length)
 STEP_HISTORY = 32  # verification steps kept for the fit of step time against tokens
-ACCEPTANCE_MEMORY = 0.9  # weight of the acceptance seen so far at each new step (recent steps count most)
-PRIOR_ACCEPTANCE, PRIOR_WEIGHT = 0.5, 2.0  # before any step: as if 2 tokens were seen, half accepted
+ACCEPTANCE_MEMORY = 0.9  # weight of a draft position's counts so far at each new try of it
+PRIOR_ACCEPTANCE, PRIOR_WEIGHT = 0.5, 2.0  # before any step: as if 2 tokens were tried, half accepted
 DRAFT_COST_WEIGHT = 0.3  # moving-average weight of a new draft's seconds per token
 
 
-def expected_tokens(acceptance: float, drafted: int) -> float:
-    """Tokens one verification step yields with `drafted` draft tokens, each accepted with probability `acceptance`
-    once those before it were: the accepted run, plus the model's own token after it."""
-    if acceptance >= 1.0:
-        return drafted + 1.0
-    return (1.0 - acceptance ** (drafted + 1)) / (1.0 - acceptance)
+def expected_tokens(acceptance: Sequence[float], drafted: int) -> float:
+    """Tokens one verification step yields with `drafted` draft tokens, the i-th accepted with probability
+    `acceptance[i]` once those before it were: the accepted run, plus the model's own token after it."""
+    total = run = 1.0
+    for rate in acceptance[:drafted]:
+        run *= rate
+        total += run
+    return total
 
 
-def best_draft_length(acceptance: float, step_base: float, step_per_token: float, draft_per_token: float,
+def best_draft_length(acceptance: Sequence[float], step_base: float, step_per_token: float, draft_per_token: float,
                       longest: int) -> int:
-    """The draft length in 1..longest with the most expected tokens per second of a step (the shortest on a tie)."""
+    """The draft length in 1..longest with the most expected tokens per second of a step (the shortest on a tie);
+    `acceptance` per position, at least `longest` of them."""
     def rate(drafted: int) -> float:
         seconds = step_base + step_per_token * (drafted + 1) + draft_per_token * drafted
         return expected_tokens(acceptance, drafted) / max(seconds, 1e-9)
 
     return max(range(1, max(longest, 1) + 1), key=rate)
+
+
+class PositionAcceptance:
+    """Per draft position i, how often its token was accepted when it was tried (drafted, and every token before
+    it accepted), as counts decayed at each try so that recent tries count most. A position tried little leans on the pooled
+    rate of all positions (which is what a draft whose tokens are alike would have at every position)."""
+
+    def __init__(self):
+        self.tried: list[float] = []
+        self.kept: list[float] = []
+
+    def add(self, drafted: int, accepted: int) -> None:
+        """One step's draft: its first `accepted` tokens kept (and the one after them, if any, rejected)."""
+        missing = drafted - len(self.tried)
+        self.tried, self.kept = self.tried + [0.0] * missing, self.kept + [0.0] * missing
+        for position in range(min(accepted + 1, drafted)):  # the positions this step tried; the others keep what they had
+            self.tried[position] = ACCEPTANCE_MEMORY * self.tried[position] + 1.0
+            self.kept[position] = ACCEPTANCE_MEMORY * self.kept[position] + (position < accepted)
+
+    @property
+    def pooled(self) -> float:
+        return (sum(self.kept) + PRIOR_ACCEPTANCE * PRIOR_WEIGHT) / (sum(self.tried) + PRIOR_WEIGHT)
+
+    def rates(self, positions: int) -> list[float]:
+        pooled = self.pooled
+        seen = [(kept + pooled * PRIOR_WEIGHT) / (tried + PRIOR_WEIGHT) for tried, kept in zip(self.tried, self.kept)]
+        return (seen + [pooled] * positions)[:positions]
 
 
 class StepTimeFit:
@@ -119,7 +153,7 @@ class AdaptiveDraftLength:
         self.inner, self.length_attribute, self.longest = inner, length_attribute, max(int(longest), 1)
         self.cached_tokens, self.report = cached_tokens, report
         self.step_times = StepTimeFit()
-        self.accepted_weight, self.rejected_weight = 0.0, 0.0
+        self.acceptance = PositionAcceptance()
         self.draft_per_token: float | None = None
         self._step_tokens = 0
         self._step_started = 0.0
@@ -133,16 +167,12 @@ class AdaptiveDraftLength:
     def model_kwargs_overrides(self) -> dict:
         return self.inner.model_kwargs_overrides
 
-    @property
-    def acceptance(self) -> float:
-        return ((self.accepted_weight + PRIOR_ACCEPTANCE * PRIOR_WEIGHT)
-                / (self.accepted_weight + self.rejected_weight + PRIOR_WEIGHT))
-
     def next_length(self) -> int:
         if not self.step_times.samples:  # nothing timed yet: the length the caller configured
             return min(int(getattr(self.inner, self.length_attribute)), self.longest)
         base, per_token = self.step_times.fit()
-        return best_draft_length(self.acceptance, base, per_token, self.draft_per_token or 0.0, self.longest)
+        return best_draft_length(self.acceptance.rates(self.longest), base, per_token, self.draft_per_token or 0.0,
+                                 self.longest)
 
     def get_candidates(self, input_ids: torch.LongTensor, **kwargs) -> tuple[torch.LongTensor, torch.Tensor | None]:
         setattr(self.inner, self.length_attribute, self.next_length())
@@ -160,7 +190,5 @@ class AdaptiveDraftLength:
     def update_candidate_strategy(self, input_ids: torch.LongTensor, scores: torch.Tensor, num_matches: int) -> None:
         self.step_times.add(self._step_tokens, time.perf_counter() - self._step_started)
         self.inner.update_candidate_strategy(input_ids, scores, num_matches)  # its length is replaced before the next draft
-        drafted, accepted = self.report.drafted[-1], self.report.accepted[-1]
-        if drafted > 0:  # a step with no draft says nothing of acceptance
-            self.accepted_weight = ACCEPTANCE_MEMORY * self.accepted_weight + accepted
-            self.rejected_weight = ACCEPTANCE_MEMORY * self.rejected_weight + (accepted < drafted)
+        if self.report.drafted[-1] > 0:  # a step with no draft says nothing of acceptance
+            self.acceptance.add(self.report.drafted[-1], self.report.accepted[-1])

@@ -70,6 +70,7 @@ class SwarmView:
         self._bans: dict[str, tuple[float, int, float]] = {}
         # peer id -> (avoided until, times caught): peers caught answering wrong; a restart does not clear this
         self._convictions: dict[str, tuple[float, int]] = {}
+        self._checks_passed: dict[str, int] = {}  # peer id -> checks of its answers it passed with this client
         self._stopping = threading.Event()
         threading.Thread(target=self._refresh_forever, name="swarm-view", daemon=True).start()
 
@@ -86,7 +87,16 @@ class SwarmView:
         _, convictions = self._convictions.get(peer_id, (0.0, 0))
         duration = min(self.config.liar_ban_seconds * 2**convictions, self.config.max_liar_ban_seconds)
         self._convictions[peer_id] = (time.monotonic() + duration, convictions + 1)
+        self._checks_passed.pop(peer_id, None)
         logger.warning(f"peer {peer_id} answered wrong ({evidence}); avoiding it for {duration:.0f}s")
+
+    def passed_check(self, peer_id: str) -> None:
+        self._checks_passed[peer_id] = self._checks_passed.get(peer_id, 0) + 1
+
+    def is_trusted(self, peer_id: str) -> bool:
+        """Whether a peer is through its probation (config.verify_probation checks passed): its answers are then
+        only spot-checked (config.spot_check_rate)."""
+        return self._checks_passed.get(peer_id, 0) >= self.config.verify_probation
 
     def is_convicted(self, peer_id: str) -> bool:
         return self._convictions.get(peer_id, (0.0, 0))[0] > time.monotonic()

@@ -61,12 +61,14 @@ class VerificationReport:
 
     checks: int = 0  # second opinions asked for
     unchecked_blocks: list[tuple[int, int]] = field(default_factory=list)  # no other peer serves them
+    # blocks whose peer, trusted after its probation, was not drawn for a spot check this time
+    spot_skipped: list[tuple[int, int]] = field(default_factory=list)
     caught: list[Conviction] = field(default_factory=list)
 
     @property
     def checked(self) -> bool:
         """Every answer was recomputed by other peers and agreed (after the liars caught were replaced)."""
-        return self.checks > 0 and not self.unchecked_blocks
+        return self.checks > 0 and not self.unchecked_blocks and not self.spot_skipped
 
 
 def tolerance(dtypes: Iterable[torch.dtype], codec: str) -> float:
@@ -133,6 +135,7 @@ class Referee:
             return None
         report.checks += 1
         if agree(answer, second.answer):
+            self.view.passed_check(suspect)
             return answer
         third = self._opinion(recompute, frozenset({suspect}) | second.peers)
         if third is None:
@@ -145,6 +148,7 @@ class Referee:
             self.view.convict(suspect, f"blocks {blocks[0]}:{blocks[1]}: outvoted by {sorted(second.peers | third.peers)}")
             return second.answer
         if agree(third.answer, answer):
+            self.view.passed_check(suspect)
             for peer in second.peers:  # one of them (not known which, in a chain) answered wrong
                 self.view.convict(peer, f"blocks {blocks[0]}:{blocks[1]}: outvoted by {suspect} and {sorted(third.peers)}")
                 report.caught.append(Conviction(peer, *blocks, steps_got_away=0))  # its answer was a check, not used

@@ -75,14 +75,9 @@ def liar(request, tiny_llama, bootstrap, honest, tmp_path_factory):
     process.stop()
 
 
-@pytest.fixture
-def model(tiny_llama, bootstrap, honest, liar):
-    """A client with default settings whose first choice of route, for inference and training alike, is the liar
-    (as if it had lied about its speed): until it is convicted, every call goes to it."""
-    _, lying = liar
-    model = AutoDistributedModelForCausalLM.from_pretrained(
-        tiny_llama, initial_peers=[bootstrap], allowed_peers=tuple(h.peer_id for h in [*honest, lying]),
-    )
+def routed_first_to(model, lying: PeerHandle) -> None:
+    """Make `lying` the client's first choice of route, for inference and training alike (as if it had lied about
+    its speed): until it is convicted, every call goes to it."""
     view = model.remote.view
     choose = view.chain
 
@@ -93,8 +88,53 @@ def model(tiny_llama, bootstrap, honest, liar):
         return [Hop(span, start, view.num_blocks if end is None else end)]
 
     view.chain = liar_first
+
+
+@pytest.fixture
+def model(tiny_llama, bootstrap, honest, liar):
+    """A client with default settings routed to the liar first."""
+    _, lying = liar
+    model = AutoDistributedModelForCausalLM.from_pretrained(
+        tiny_llama, initial_peers=[bootstrap], allowed_peers=tuple(h.peer_id for h in [*honest, lying]),
+    )
+    routed_first_to(model, lying)
     yield model
     model.close()
+
+
+@pytest.mark.slow
+def test_a_trusted_peer_that_turns_liar_is_caught_by_a_spot_check(tiny_llama, bootstrap, honest, reference):
+    """A peer through its probation is checked only at random; once it lies, a call not drawn for a check says it
+    was not checked (the peer was trusted), and the first spot check catches it, convicts it and fixes that call."""
+    process = spawn_cli(
+        "serve", tiny_llama, "--initial-peers", bootstrap, "--blocks", "0:4", "--announce-period", "5",
+        "--num-threads", "1", module="tests.liar_peer", env={"SWARM_TEST_LIE": "after:40"},
+    )
+    lying = PeerHandle.from_online_line(process)
+    model = AutoDistributedModelForCausalLM.from_pretrained(
+        tiny_llama, initial_peers=[bootstrap], allowed_peers=tuple(h.peer_id for h in [*honest, lying]),
+        verify_probation=3, spot_check_rate=0.5,
+    )
+    try:
+        routed_first_to(model, lying)
+        expected = reference.generate(PROMPT, max_new_tokens=6, do_sample=False)
+        reports = []
+        for _ in range(60):  # ~7 honest calls, then a spot check at each call with probability 1/2
+            output = model.generate(PROMPT, max_new_tokens=6, do_sample=False)
+            reports.append(output.verification)
+            if output.verification.checked:
+                assert torch.equal(output, expected)
+            else:
+                assert output.verification.spot_skipped == [(0, 4)] and not output.verification.unchecked_blocks
+            if output.verification.caught:
+                break
+        assert all(report.checked for report in reports[:3])  # on probation, every call is checked
+        assert model.remote.view.is_convicted(lying.peer_id)
+        wrong = sum(not report.checked for report in reports[7:])
+        print(f"\ntrusted liar: caught at call {len(reports)}, {wrong} unchecked calls after it turned (at most)")
+    finally:
+        model.close()
+        process.stop()
 
 
 def test_a_peer_that_pushes_other_values_than_it_answers_changes_no_token(tiny_llama, bootstrap, honest, reference):
@@ -129,7 +169,7 @@ def test_honest_replicas_of_other_thread_counts_and_batch_shapes_convict_nobody(
     (threaded,) = start_peers(tiny_llama, bootstrap, ["0:4"], "--num-threads", "2")  # start_peers gives 1 thread
     peers = tuple(handle.peer_id for handle in [*honest, threaded])
     model = AutoDistributedModelForCausalLM.from_pretrained(
-        tiny_llama, initial_peers=[bootstrap], allowed_peers=peers, verify_every=4,
+        tiny_llama, initial_peers=[bootstrap], allowed_peers=peers, verify_every=4, spot_check_rate=1.0,
     )
     try:
         checks = 0
@@ -223,6 +263,9 @@ class _View:
 
     def convict(self, peer: str, evidence: str) -> None:
         self.convicted.append(peer)
+
+    def passed_check(self, peer: str) -> None:
+        pass
 
 
 def _settle(answers: dict[str, float], suspect_answer: float):

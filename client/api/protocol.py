@@ -121,6 +121,7 @@ def swarm_extras(result: GenerationResult) -> dict:
         "verification": {
             "checked": report.checked, "checks": report.checks,
             "unchecked_blocks": [list(span) for span in report.unchecked_blocks],
+            "spot_skipped": [list(span) for span in report.spot_skipped],
             "caught": [{"peer_id": caught.peer, "blocks": [caught.start, caught.end],
                         "steps_got_away": caught.steps_got_away} for caught in report.caught],
         },
