@@ -62,7 +62,7 @@ def cost(args, folder: str, local, bootstrap: str) -> None:
     }
     try:
         default = clients["spot"]
-        for _ in range(default.remote.config.verify_probation):  # the routed peer's probation
+        for _ in range(2 * default.remote.config.verify_probation):  # the probation of both (routes alternate)
             default.generate(prompt, **options)
         trusted = sum(default.remote.view.is_trusted(span.peer_id) for span in default.remote.view.peer_spans())
         runs = {"local": lambda: local.generate(prompt, **options)}

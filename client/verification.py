@@ -149,9 +149,13 @@ class Referee:
             return second.answer
         if agree(third.answer, answer):
             self.view.passed_check(suspect)
-            for peer in second.peers:  # one of them (not known which, in a chain) answered wrong
+            if len(second.peers) == 1:  # its answer was a check, not used: it got away with nothing
+                (peer,) = second.peers
                 self.view.convict(peer, f"blocks {blocks[0]}:{blocks[1]}: outvoted by {suspect} and {sorted(third.peers)}")
-                report.caught.append(Conviction(peer, *blocks, steps_got_away=0))  # its answer was a check, not used
+                report.caught.append(Conviction(peer, *blocks, steps_got_away=0))
+            else:  # one peer of the chain answered wrong, which one the chain's answer does not tell: none is convicted
+                logger.warning(f"the check of blocks {blocks[0]}:{blocks[1]} by {sorted(second.peers)} was outvoted; "
+                               "one of them answered wrong, not known which, so none is convicted")
             return answer
         raise VerificationError(f"three different answers for blocks {blocks[0]}:{blocks[1]}: the output cannot be trusted")
 

@@ -269,14 +269,15 @@ class _View:
 
 
 def _settle(answers: dict[str, float], suspect_answer: float):
-    """Settles the suspect's answer against opinions of peers "b", "c" (in that order, as far as there are any)."""
+    """Settles the suspect's answer against opinions of peers "b", "c" (in that order, as far as there are any;
+    "b+c" is an opinion of a chain of the two)."""
     view, report = _View(), VerificationReport()
 
     def recompute(exclude):
-        peer = next((peer for peer in answers if peer not in exclude), None)
+        peer = next((peer for peer in answers if not exclude & set(peer.split("+"))), None)
         if peer is None:
             raise MissingBlocksError("model", [0])
-        return Opinion(answers[peer], frozenset({peer}))
+        return Opinion(answers[peer], frozenset(peer.split("+")))  # "b+c": a chain of two
 
     try:
         result = Referee(view).settle("a", suspect_answer, recompute, lambda x, y: x == y, (0, 4), report)
@@ -289,6 +290,8 @@ def test_the_majority_decides_and_the_outvoted_is_convicted():
     assert _settle({"b": 1.0, "c": 2.0}, 1.0)[:2] == (1.0, [])  # agreed at once: no third opinion
     assert _settle({"b": 2.0, "c": 2.0}, 1.0)[:2] == (2.0, ["a"])
     assert _settle({"b": 2.0, "c": 1.0}, 1.0)[:2] == (1.0, ["b"])
+    # outvoted, a chain's check cannot say which of its peers was wrong: convicting both would convict an honest one
+    assert _settle({"b+c": 2.0, "d": 1.0}, 1.0)[:2] == (1.0, [])
     assert _settle({"b": 2.0, "c": 3.0}, 1.0)[:2] == ("error", [])
     assert _settle({"b": 2.0}, 1.0)[:2] == ("error", [])  # two against one another, nobody to decide
     result, convicted, report = _settle({}, 1.0)
