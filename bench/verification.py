@@ -1,14 +1,17 @@
 """What checking peers' answers costs, and how soon a liar is caught.
 
     python -m bench.verification [--hidden 1024 --layers 8] [--repeats 5] [--new-tokens 64] [--sessions 16]
+        [--parts cost,detection,trusted]
 
 Two peers each serve every block (so every answer can be checked by the other); local `transformers` decodes the
 same prompt in the same run. Figures: decode tokens/s with verification as by default (every call checked until a
 peer has passed its probation, then spot checks: measured after the probation), with every call checked (what a peer
 on probation costs) and off, for one session (`generate`) and for many sessions stepping at once from threads of one
-client (each checked at its end, as `generate` does); then a peer that lies on 1 step in 20 (tests/liar_peer.py) against clients checking every
-`verify_every` steps: how many generations end with local's tokens (all must), and how many wrong steps the liar
-answered before it was caught (what was computed again).
+client (each checked at its end, as `generate` does); then a peer that lies on 1 step in 20
+(tests/liar_peer.py) against clients checking every `verify_every` steps: how many generations end with local's
+tokens (all must), and how many wrong steps the liar answered before it was caught (what was computed again); then
+a peer honest through its probation that lies afterwards, against default clients: how many calls came back wrong
+(not drawn for a spot check) before one caught it, and whether each of them said it was unchecked.
 """
 
 import argparse
@@ -26,6 +29,7 @@ from bench.common import add_model_arguments, interleaved_medians, interleaved_t
 from client import AutoDistributedModelForCausalLM
 from peer.local_swarm import PeerHandle, spawn_cli, start_bootstrap, start_peers
 from swarm.checkpoint_maker import save_random_checkpoint
+from tests.test_verification import routed_first_to
 
 
 def sessions_decode(model, prompts: torch.Tensor, new_tokens: int) -> float:
@@ -93,6 +97,20 @@ def cost(args, folder: str, local, bootstrap: str) -> None:
             model.close()
 
 
+def start_liar(args, folder: str, bootstrap: str, lie: dict[str, str]) -> PeerHandle:
+    return PeerHandle.from_online_line(spawn_cli(
+        "serve", folder, "--initial-peers", bootstrap, "--blocks", f"0:{args.layers}", "--num-threads", "1",
+        module="tests.liar_peer", env=lie,
+    ))
+
+
+def prefer(model, liar: PeerHandle) -> None:
+    """The liar looks fastest to the client: it gets the traffic until it is caught."""
+    view = model.remote.view
+    for span in view.peer_spans():
+        view._rtts[span.peer_id] = (0.0 if span.peer_id == liar.peer_id else 0.01, time.monotonic())
+
+
 def detection(args, folder: str, local, bootstrap: str, honest: list[PeerHandle]) -> None:
     prompt = torch.randint(3, local.config.vocab_size, (1, 16))
     options = dict(max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens, do_sample=False)
@@ -100,15 +118,10 @@ def detection(args, folder: str, local, bootstrap: str, honest: list[PeerHandle]
     for every in args.verify_every:
         got_away, exact = [], 0
         for trial in range(args.liar_trials):
-            liar = PeerHandle.from_online_line(spawn_cli(
-                "serve", folder, "--initial-peers", bootstrap, "--blocks", f"0:{args.layers}", "--num-threads", "1",
-                module="tests.liar_peer", env={"SWARM_TEST_LIE": "sometimes:20", "SWARM_TEST_LIE_SEED": str(trial)},
-            ))
+            liar = start_liar(args, folder, bootstrap, {"SWARM_TEST_LIE": "sometimes:20", "SWARM_TEST_LIE_SEED": str(trial)})
             model = AutoDistributedModelForCausalLM.from_pretrained(folder, initial_peers=[bootstrap], verify_every=every)
             try:
-                view = model.remote.view
-                for span in view.peer_spans():  # the liar looks fastest: it gets the traffic until it is caught
-                    view._rtts[span.peer_id] = (0.0 if span.peer_id == liar.peer_id else 0.01, time.monotonic())
+                prefer(model, liar)
                 for _ in range(args.generations):
                     output = model.generate(prompt, **options)
                     exact += torch.equal(output, expected)
@@ -121,6 +134,36 @@ def detection(args, folder: str, local, bootstrap: str, honest: list[PeerHandle]
         print(f"| verify_every={every or 'end only'} | {exact}/{trials} | {len(got_away)} of {args.liar_trials} | {steps} |")
 
 
+def trusted_liar(args, folder: str, local, bootstrap: str) -> None:
+    """A peer honest through its probation and two calls more, wrong on every step after, against a default
+    client: the calls that came back wrong before a spot check caught it, and whether each said it was unchecked."""
+    new_tokens = 16  # a call is 16 steps (the prompt's, then one a token)
+    prompt = torch.randint(3, local.config.vocab_size, (1, 16))
+    options = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
+    expected = local.generate(prompt, **options)
+    wrong_calls, flagged = [], True
+    for _ in range(args.liar_trials):
+        model = AutoDistributedModelForCausalLM.from_pretrained(folder, initial_peers=[bootstrap])
+        honest_steps = (model.remote.config.verify_probation + 2) * new_tokens
+        liar = start_liar(args, folder, bootstrap, {"SWARM_TEST_LIE": f"after:{honest_steps}"})
+        try:
+            routed_first_to(model, liar)  # every call goes to it (measured speeds would move some away)
+            wrong = 0
+            for _ in range(100):
+                output = model.generate(prompt, **options)
+                if output.verification.caught:
+                    break
+                if not torch.equal(output, expected):
+                    wrong += 1
+                    flagged &= not output.verification.checked
+            wrong_calls.append(wrong)
+        finally:
+            model.close()
+            liar.process.stop()
+    print(f"| honest for its probation and 2 calls, then wrong at every step | {args.liar_trials} | median {statistics.median(wrong_calls)}, {min(wrong_calls)}-{max(wrong_calls)} | "
+          f"{flagged} |")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_model_arguments(parser)
@@ -130,7 +173,9 @@ def main() -> None:
     parser.add_argument("--verify-every", type=lambda text: [int(n) for n in text.split(",")], default=[0, 8, 32])
     parser.add_argument("--liar-trials", type=int, default=3)
     parser.add_argument("--generations", type=int, default=2)
+    parser.add_argument("--parts", default="cost,detection,trusted", help="which tables to measure")
     args = parser.parse_args()
+    parts = set(args.parts.split(","))
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # a stopped benchmark still stops the peers it started
     torch.manual_seed(0)
     with tempfile.TemporaryDirectory() as folder:
@@ -139,14 +184,21 @@ def main() -> None:
         node, bootstrap = start_bootstrap()
         honest = start_peers(folder, bootstrap, [f"0:{args.layers}"] * 2)
         try:
-            print("| decode | verification on (default: spot checks once trusted), tokens/s | every call checked "
-                  "| off | default / off | every call / off | local transformers | |")
-            print("|---|---:|---:|---:|---:|---:|---:|---|")
-            cost(args, folder, local, bootstrap)
-            print("\n| a peer wrong on 1 step in 20 | generations with local's tokens | liars caught | wrong steps "
-                  "before caught |")
-            print("|---|---:|---:|---|")
-            detection(args, folder, local, bootstrap, honest)
+            if "cost" in parts:
+                print("| decode | verification on (default: spot checks once trusted), tokens/s | every call checked "
+                      "| off | default / off | every call / off | local transformers | |")
+                print("|---|---:|---:|---:|---:|---:|---:|---|")
+                cost(args, folder, local, bootstrap)
+            if "detection" in parts:
+                print("\n| a peer wrong on 1 step in 20 | generations with local's tokens | liars caught | wrong steps "
+                      "before caught |")
+                print("|---|---:|---:|---|")
+                detection(args, folder, local, bootstrap, honest)
+            if "trusted" in parts:
+                print("\n| a trusted peer turning liar (default spot checks) | trials | calls with wrong tokens "
+                      "before caught | each said unchecked |")
+                print("|---|---:|---:|---|")
+                trusted_liar(args, folder, local, bootstrap)
         finally:
             for peer in honest:
                 peer.process.stop()

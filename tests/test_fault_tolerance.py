@@ -11,6 +11,7 @@ from transformers import LlamaForCausalLM, StoppingCriteria, StoppingCriteriaLis
 from client import AutoDistributedModelForCausalLM
 from peer.local_swarm import start_peers
 from swarm.checkpoint_maker import byte_tokenizer
+from tests.test_speculative import local_batched_model
 
 HALVES = ["0:2", "2:4"]
 
@@ -112,6 +113,11 @@ SCENARIOS = {
     "batch-prompt-lookup": (
         ["ab ab ab ab ab", "abc abc abc", "ab"], dict(max_new_tokens=32, do_sample=False, prompt_lookup_num_tokens=4), 2
     ),
+    # sampled, its reference is the same batched loop on a local model, seed for seed
+    "batch-prompt-lookup-sampling": (
+        ["ab ab ab ab ab", "abc abc abc", "ab"],
+        dict(max_new_tokens=32, do_sample=True, temperature=0.7, prompt_lookup_num_tokens=4, seed=11), 2,
+    ),
 }
 DRAFT_OPTIONS = ("prompt_lookup_num_tokens", "assistant_model")
 
@@ -123,9 +129,13 @@ def test_generation_survives_peer_kills(model, swarm, reference, tiny_llama, sce
     inputs = byte_tokenizer()(texts, return_tensors="pt", padding=True)
     rng = random.Random(scenario)
     seed = options.get("seed")
-    # transformers drafts for one sequence only: a batch's local reference is plain greedy decoding
-    left_out = ("seed", *DRAFT_OPTIONS) if len(texts) > 1 else ("seed",)
+    # transformers drafts for one sequence only: a greedy batch's local reference is plain greedy decoding, a sampled
+    # one's the swarm's batched loop on a local model
+    batch, sampled = len(texts) > 1, options.get("do_sample", False)
+    left_out = ("seed", *DRAFT_OPTIONS) if batch and not sampled else ("seed",)
     local_options = {key: value for key, value in options.items() if key not in left_out}
+    if batch and sampled:
+        reference = local_batched_model(tiny_llama)
     if seed is not None:
         torch.manual_seed(seed)
     expected = reference.generate(**inputs, **with_draft(local_options, tiny_llama))

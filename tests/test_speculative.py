@@ -122,11 +122,17 @@ def test_a_batch_speculates_with_plain_greedy_tokens(model, reference, near_draf
         model.generate(**batch, max_new_tokens=4, do_sample=False, prompt_lookup_num_tokens=2, return_dict_in_generate=True)
 
 
+def local_batched_model(path: str) -> LlamaForCausalLM:
+    """The checkpoint as a local transformers model that speculates on a batch the swarm's way: the one-process
+    reference for batched sampling."""
+    return type("LocalBatched", (BatchedAssistedDecoding, LlamaForCausalLM), {}).from_pretrained(path).eval()
+
+
 def test_a_batch_samples_as_the_same_loop_in_one_process(model, tiny_llama, near_draft):
     """Sampled, a speculating batch is checked against the same batched loop on a local transformers model (which
     transformers itself does not have), seed for seed: speculative sampling with the near draft's logits, and
     sampling checked against prompt lookup's drafts."""
-    local = type("LocalBatched", (BatchedAssistedDecoding, LlamaForCausalLM), {}).from_pretrained(tiny_llama).eval()
+    local = local_batched_model(tiny_llama)
     batch = byte_tokenizer()(UNEVEN, return_tensors="pt", padding=True)
     sampling = {"max_new_tokens": 20, "do_sample": True, "temperature": 0.8, "top_k": 40}
     for options in ({"prompt_lookup_num_tokens": 4}, {"assistant_model": near_draft}):
