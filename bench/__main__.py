@@ -81,9 +81,9 @@ def run(args: argparse.Namespace, wanted: set[str], peer_settings: list[str]) ->
                                 "peer start-up to online, restart", "s", restarted, higher_is_better=False,
                                 detail="the same setting again: calibration cached",
                             )))
-                        results.append(_logged(Result(
-                            "client time to first token", "s", client_first_token(folder, bootstrap),
-                            higher_is_better=False, detail="from_pretrained + route + 1 token",
+                        results.append(_logged(Result.measured(
+                            "client time to first token", "s", client_first_token(folder, bootstrap, args.repeats),
+                            higher_is_better=False, detail=f"from_pretrained + route + 1 token, {args.repeats} clients",
                         )))
                     if "prefill" in wanted:
                         results.append(_logged(prefill(args, folder, local, bootstrap)))

@@ -62,8 +62,9 @@ def _client(folder: str, bootstrap: str, **config) -> Iterator:
         model.close()
 
 
-def client_first_token(folder: str, bootstrap: str) -> float:
-    """Seconds from a new client (from_pretrained) to its first generated token."""
+def client_first_token(folder: str, bootstrap: str, repeats: int) -> list[float]:
+    """Seconds from a new client (from_pretrained) to its first generated token, for each of `repeats` clients
+    (one after another, each closed before the next)."""
     prompt = torch.tensor([[5, 6, 7]])
 
     def first_token() -> None:
@@ -71,4 +72,4 @@ def client_first_token(folder: str, bootstrap: str) -> float:
         model.generate(prompt, max_new_tokens=1, do_sample=False)
         model.close()
 
-    return timed(first_token)
+    return [timed(first_token) for _ in range(repeats)]

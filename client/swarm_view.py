@@ -5,6 +5,7 @@ import math
 import random
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import grpc
 import hivemind
@@ -38,6 +39,7 @@ RTT_TTL = 30.0
 UNREACHABLE = 1e3
 # Weight of the newest decode step in a peer's measured compute time (an exponential moving average).
 MEASURED_STEP_WEIGHT = 0.3
+PING_WORKERS = 8  # round trips measured at once by the background refresh
 
 
 def _where(span: PeerSpan) -> str:
@@ -124,22 +126,28 @@ class SwarmView:
     def peer_spans(self, refresh: bool = False) -> list[PeerSpan]:
         """Online peers of this model that speak our protocol and pass the allowed/blocked filters; kept fresh by a
         background thread, read from the DHT here only the first time or when asked to."""
-        if refresh or self._spans is None:
-            with self._dht_lock:
+        with self._dht_lock:  # (a caller that finds the first read under way waits for it rather than read again)
+            if refresh or self._spans is None:
                 spans = fetch_peer_spans(self.dht, self.model_prefix, self.num_blocks)
-            self._spans = [span for span in spans if self._usable(span)]
+                self._spans = [span for span in spans if self._usable(span)]
         return self._spans
 
     def _refresh_forever(self) -> None:
-        """Re-reads the swarm and re-measures round trips that are getting old, so that choosing a chain never
-        waits for the DHT or for pings."""
-        while not self._stopping.wait(self.config.refresh_period):
-            try:
-                for span in self.peer_spans(refresh=True):
-                    if time.monotonic() - self._rtts.get(span.peer_id, (0.0, -math.inf))[1] > RTT_TTL / 2:
-                        self._measure_round_trip(span)
-            except Exception as error:  # the DHT may be unreachable for a while; the next period tries again
-                logger.debug(f"refreshing the view of the swarm failed: {error!r}")
+        """Reads the swarm and measures the round trips to its peers at once (while the client builds its model, so
+        that the first chain finds them ready), then re-reads it and re-measures round trips that are getting old
+        every refresh period, so that choosing a chain never waits for the DHT or for pings."""
+        refresh = False
+        with ThreadPoolExecutor(max_workers=PING_WORKERS, thread_name_prefix="swarm-ping") as pings:
+            while not self._stopping.is_set():
+                try:
+                    spans, checked_at = self.peer_spans(refresh=refresh), time.monotonic()
+                    stale = [span for span in spans
+                             if checked_at - self._rtts.get(span.peer_id, (0.0, -math.inf))[1] > RTT_TTL / 2]
+                    list(pings.map(lambda span: self._measure_round_trip(span, since=checked_at), stale))
+                except Exception as error:  # the DHT may be unreachable for a while; the next period tries again
+                    logger.debug(f"refreshing the view of the swarm failed: {error!r}")
+                refresh = True
+                self._stopping.wait(self.config.refresh_period)
 
     def _usable(self, span: PeerSpan) -> bool:
         if span.record.version != PROTOCOL_VERSION:
@@ -158,13 +166,14 @@ class SwarmView:
         chain over the blocks for a third opinion; for "training" a throughput-weighted random draw that spreads
         forward/backward load over replicas. Never through the peers in `exclude`; only through peers whose weights
         are stored as `quantization` says ("any", "none", "int8", "nf4"; default: the client's config). Looks again
-        at the DHT before declaring blocks missing."""
+        at the DHT before declaring blocks missing (except for a referee, whose check is skipped instead).""" 
         end = self.num_blocks if end is None else end
         quantization = quantization or self.config.quantization
         try:
             return self._choose(self._unbanned(self.peer_spans(), exclude), start, end, purpose, cache_tokens, quantization)
         except MissingBlocksError:
-            pass
+            if purpose == "referee":  # a second opinion is best effort: the background refresh finds peers that joined
+                raise
         try:
             spans = self._unbanned(self.peer_spans(refresh=True), exclude)
             return self._choose(spans, start, end, purpose, cache_tokens, quantization)
@@ -232,14 +241,17 @@ class SwarmView:
             rtt = self._measure_round_trip(span)
         return rtt
 
-    def _measure_round_trip(self, span: PeerSpan) -> float:
+    def _measure_round_trip(self, span: PeerSpan, since: float | None = None) -> float:
+        """Pings the peer; its figure is kept unless one newer than `since` (default: now) was found meanwhile."""
+        since = time.monotonic() if since is None else since
         started = time.perf_counter()
         try:
             self.connections.stub(span).Info(pb.InfoRequest(), timeout=self.config.ping_timeout)
             rtt = time.perf_counter() - started
         except (grpc.RpcError, RemoteError):
             rtt = UNREACHABLE
-        self._rtts[span.peer_id] = (rtt, time.monotonic())
+        if self._rtts.get(span.peer_id, (0.0, -math.inf))[1] < since:
+            self._rtts[span.peer_id] = (rtt, time.monotonic())
         return rtt
 
     def _unbanned(self, spans: list[PeerSpan], exclude: frozenset[str] = frozenset()) -> list[PeerSpan]:
