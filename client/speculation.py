@@ -59,8 +59,8 @@ def best_draft_length(acceptance: Sequence[float], step_base: float, step_per_to
 
 class PositionAcceptance:
     """Per draft position i, how often its token was accepted when it was tried (drafted, and every token before
-    it accepted), as counts decayed at each try so that recent tries count most. A position tried little leans on the pooled
-    rate of all positions (which is what a draft whose tokens are alike would have at every position)."""
+    it accepted), as counts decayed at each try so that recent tries count most. A position tried little leans on
+    the pooled rate of all positions (which is what a draft whose tokens are alike would have at every position)."""
 
     def __init__(self):
         self.tried: list[float] = []

@@ -126,7 +126,9 @@ class SwarmView:
     def peer_spans(self, refresh: bool = False) -> list[PeerSpan]:
         """Online peers of this model that speak our protocol and pass the allowed/blocked filters; kept fresh by a
         background thread, read from the DHT here only the first time or when asked to."""
-        with self._dht_lock:  # (a caller that finds the first read under way waits for it rather than read again)
+        if not refresh and self._spans is not None:  # never waits for a background refresh under way
+            return self._spans
+        with self._dht_lock:  # a caller finding the first read under way waits for it rather than read again
             if refresh or self._spans is None:
                 spans = fetch_peer_spans(self.dht, self.model_prefix, self.num_blocks)
                 self._spans = [span for span in spans if self._usable(span)]
@@ -166,7 +168,7 @@ class SwarmView:
         chain over the blocks for a third opinion; for "training" a throughput-weighted random draw that spreads
         forward/backward load over replicas. Never through the peers in `exclude`; only through peers whose weights
         are stored as `quantization` says ("any", "none", "int8", "nf4"; default: the client's config). Looks again
-        at the DHT before declaring blocks missing (except for a referee, whose check is skipped instead).""" 
+        at the DHT before declaring blocks missing (except for a referee, whose check is skipped instead)."""
         end = self.num_blocks if end is None else end
         quantization = quantization or self.config.quantization
         try:
