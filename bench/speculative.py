@@ -112,13 +112,13 @@ def speculation(bench: Bench, args, drafts: dict, prompts: tuple[list[int], list
         bench.results.append(Result(
             f"speculative, {count} peers, {mode}", "tokens/s", new * rows / timing.median, new * rows / local.median,
             detail=f"{ms:.1f} ms/token [{span}], {per_step:.2f} tokens/step a row, draft length asked (median) "
-                   f"{lengths}, draft tokens accepted {acceptance}, round-trip floor {floor:.1f} ms/token, {plain_ms / ms:.2f}x plain swarm decode, "
-                   f"same tokens: {same}",
+                   f"{lengths}, draft tokens accepted {acceptance}, round-trip floor {floor:.1f} ms/token, "
+                   f"{plain_ms / ms:.2f}x plain swarm decode, same tokens: {same}",
         ))
         print(f"  {bench.results[-1].metric}: {bench.results[-1].detail}", flush=True)
         lines.append(f"| {count} | {mode} | {new * rows / timing.median:.2f} | {ms:.1f} [{span}] | {per_step:.2f} | "
-                     f"{lengths} | {acceptance} | {floor:.1f} | {plain_ms / ms:.2f}x | {local.median / (new * rows) * 1e3:.1f} | "
-                     f"{same} |")
+                     f"{lengths} | {acceptance} | {floor:.1f} | {plain_ms / ms:.2f}x | "
+                     f"{local.median / (new * rows) * 1e3:.1f} | {same} |")
 
 
 def main() -> None:

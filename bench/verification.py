@@ -61,7 +61,8 @@ def cost(args, folder: str, local, bootstrap: str) -> None:
     options = dict(max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens, do_sample=False)
     clients = {
         "spot": AutoDistributedModelForCausalLM.from_pretrained(folder, initial_peers=[bootstrap]),
-        "every": AutoDistributedModelForCausalLM.from_pretrained(folder, initial_peers=[bootstrap], spot_check_rate=1.0),
+        "every": AutoDistributedModelForCausalLM.from_pretrained(folder, initial_peers=[bootstrap],
+                                                                 spot_check_rate=1.0),
         "off": AutoDistributedModelForCausalLM.from_pretrained(folder, initial_peers=[bootstrap], verify=False),
     }
     try:
@@ -104,13 +105,6 @@ def start_liar(args, folder: str, bootstrap: str, lie: dict[str, str]) -> PeerHa
     ))
 
 
-def prefer(model, liar: PeerHandle) -> None:
-    """The liar looks fastest to the client: it gets the traffic until it is caught."""
-    view = model.remote.view
-    for span in view.peer_spans():
-        view._rtts[span.peer_id] = (0.0 if span.peer_id == liar.peer_id else 0.01, time.monotonic())
-
-
 def detection(args, folder: str, local, bootstrap: str, honest: list[PeerHandle]) -> None:
     prompt = torch.randint(3, local.config.vocab_size, (1, 16))
     options = dict(max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens, do_sample=False)
@@ -118,10 +112,11 @@ def detection(args, folder: str, local, bootstrap: str, honest: list[PeerHandle]
     for every in args.verify_every:
         got_away, exact = [], 0
         for trial in range(args.liar_trials):
-            liar = start_liar(args, folder, bootstrap, {"SWARM_TEST_LIE": "sometimes:20", "SWARM_TEST_LIE_SEED": str(trial)})
+            lie = {"SWARM_TEST_LIE": "sometimes:20", "SWARM_TEST_LIE_SEED": str(trial)}
+            liar = start_liar(args, folder, bootstrap, lie)
             model = AutoDistributedModelForCausalLM.from_pretrained(folder, initial_peers=[bootstrap], verify_every=every)
             try:
-                prefer(model, liar)
+                routed_first_to(model, liar)  # every call goes to it until it is convicted
                 for _ in range(args.generations):
                     output = model.generate(prompt, **options)
                     exact += torch.equal(output, expected)
@@ -147,7 +142,7 @@ def trusted_liar(args, folder: str, local, bootstrap: str) -> None:
         honest_steps = (model.remote.config.verify_probation + 2) * new_tokens
         liar = start_liar(args, folder, bootstrap, {"SWARM_TEST_LIE": f"after:{honest_steps}"})
         try:
-            routed_first_to(model, liar)  # every call goes to it (measured speeds would move some away)
+            routed_first_to(model, liar)  # every call goes to it until it is convicted
             wrong = 0
             for _ in range(100):
                 output = model.generate(prompt, **options)
@@ -160,8 +155,8 @@ def trusted_liar(args, folder: str, local, bootstrap: str) -> None:
         finally:
             model.close()
             liar.process.stop()
-    print(f"| honest for its probation and 2 calls, then wrong at every step | {args.liar_trials} | median {statistics.median(wrong_calls)}, {min(wrong_calls)}-{max(wrong_calls)} | "
-          f"{flagged} |")
+    print(f"| honest for its probation and 2 calls, then wrong at every step | {args.liar_trials} | median "
+          f"{statistics.median(wrong_calls)}, {min(wrong_calls)}-{max(wrong_calls)} | {flagged} |")
 
 
 def main() -> None:

@@ -70,7 +70,8 @@ class PositionAcceptance:
         """One step's draft: its first `accepted` tokens kept (and the one after them, if any, rejected)."""
         missing = drafted - len(self.tried)
         self.tried, self.kept = self.tried + [0.0] * missing, self.kept + [0.0] * missing
-        for position in range(min(accepted + 1, drafted)):  # the positions this step tried; the others keep what they had
+        # the positions this step tried; the others keep what they had
+        for position in range(min(accepted + 1, drafted)):
             self.tried[position] = ACCEPTANCE_MEMORY * self.tried[position] + 1.0
             self.kept[position] = ACCEPTANCE_MEMORY * self.kept[position] + (position < accepted)
 
