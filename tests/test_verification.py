@@ -11,6 +11,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from client import AutoDistributedModelForCausalLM
+from client.config import ClientConfig
 from client.verification import (
     HopTimeline,
     Opinion,
@@ -232,6 +233,13 @@ def test_training_gets_local_gradients_and_convicts_the_liar(model, liar, refere
         if model.remote.view.is_convicted(liar[1].peer_id):
             break
     caught(model, liar)
+
+
+def test_spot_check_settings_out_of_range_are_refused_with_their_name():
+    for options, name in (({"spot_check_rate": 0.0}, "spot_check_rate"), ({"spot_check_rate": 1.5}, "spot_check_rate"),
+                          ({"verify_probation": -1}, "verify_probation")):
+        with pytest.raises(ValueError, match=name):
+            ClientConfig(initial_peers=["/ip4/127.0.0.1/tcp/1/p2p/x"], **options)
 
 
 def test_timeline_follows_the_cache_through_rollbacks_and_reorders():
