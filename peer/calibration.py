@@ -1,4 +1,5 @@
-"""How this machine computes a span fastest, measured on it: the thread plan, the pass-time curve and the throughput.
+"""How this machine computes a span fastest, measured on it: the thread plan (threads and linear layout of each pass
+size), the pass-time curve and the throughput.
 
 Measured once per setting (model, span length, device, dtype, thread budget) and machine (CPU model and the flags
 that matter, usable cores, torch version), then cached on disk. Peers on one machine measure one at a time: two
@@ -19,6 +20,7 @@ from pathlib import Path
 
 import torch
 
+from peer.linear_layout import layout_switch
 from peer.threads import ThreadPlan, use_threads
 from swarm.blocks import BlockSpan
 
@@ -27,6 +29,7 @@ logger = logging.getLogger(__name__)
 ROW_COUNTS = (1, 2, 4, 8, 16, 32, 64)  # pass sizes timed: decode steps of 1..64 sessions, and a prefill chunk
 THROUGHPUT_ROWS = 64  # the announced throughput is that of a pass this large
 PARALLEL_GAIN = 1.1  # the budget is used for a pass size only where it is at least this much faster than one thread
+LAYOUT_GAIN = 1.05  # the column layout is used for a pass size only where it is at least this much faster
 # Timed passes per size and setting (after one warm-up), interleaved so that noise hits all alike; the fastest
 # counts, since noise on a shared machine (other work, a hypervisor taking the cores) only ever adds time.
 REPEATS = 4
@@ -58,6 +61,7 @@ class Calibration:
     def to_json(self) -> dict:
         return {
             "budget": self.plan.budget, "parallel_min_rows": self.plan.parallel_min_rows,
+            "column_sizes": sorted(self.plan.column_sizes),
             "pass_seconds": {str(rows): seconds for rows, seconds in self.pass_seconds.items()},
         }
 
@@ -65,33 +69,47 @@ class Calibration:
     def from_json(cls, data: object) -> "Calibration | None":
         """None for anything but a complete, positive record (a file from an older version, or edited by hand)."""
         try:
-            plan = ThreadPlan(int(data["budget"]), int(data["parallel_min_rows"]))
+            column_sizes = frozenset(int(rows) for rows in data["column_sizes"])
+            plan = ThreadPlan(int(data["budget"]), int(data["parallel_min_rows"]), column_sizes, ROW_COUNTS)
             seconds = {int(rows): float(value) for rows, value in data["pass_seconds"].items()}
         except (TypeError, KeyError, ValueError, AttributeError):
             return None
-        if set(seconds) != set(ROW_COUNTS) or min(seconds.values()) <= 0 or plan.budget < 1:
+        if set(seconds) != set(ROW_COUNTS) or min(seconds.values()) <= 0 or plan.budget < 1 or column_sizes - set(ROW_COUNTS):
             return None
         return cls(plan, seconds)
 
 
-def calibrate(span: BlockSpan, dtype: torch.dtype, budget: int, parallel_min_rows: int | None = None) -> Calibration:
-    """Times passes of ROW_COUNTS rows on one thread and on `budget` threads (the fastest of REPEATS counts). The plan
+def calibrate(
+    span: BlockSpan, dtype: torch.dtype, budget: int, parallel_min_rows: int | None = None, linear_layout: str = "measured"
+) -> Calibration:
+    """Times passes of ROW_COUNTS rows on one thread and on `budget` threads, each in both linear layouts (the
+    fastest of REPEATS counts; a layout counts where it is LAYOUT_GAIN faster than the row layout). The plan
     computes on the budget from the smallest size at which the budget is PARALLEL_GAIN faster there and at every
-    larger size (on one thread everywhere if it never is); a given `parallel_min_rows` is taken as it is, and only
-    the thread count it gives each size is timed. Runs on any thread: it sets its own."""
+    larger size (on one thread everywhere if it never is), each size in its faster layout on those threads; a given
+    `parallel_min_rows` is taken as it is, and only the thread count it gives each size is timed; so is a
+    `linear_layout` of "rows" or "columns" (every size). Runs on any thread: it sets its own."""
     forced = None if parallel_min_rows is None else ThreadPlan(budget, parallel_min_rows)
-    settings = [(rows, threads) for rows in ROW_COUNTS for threads in sorted({1, budget})
+    layouts = {"rows": (False,), "columns": (True,)}.get(linear_layout, (False, True))
+    if not layout_switch(span).linears:  # nothing to lay out (quantized layers)
+        layouts = (False,)
+    settings = [(rows, threads, columns) for rows in ROW_COUNTS for threads in sorted({1, budget}) for columns in layouts
                 if forced is None or threads == forced.threads_for(rows)]
-    timings: dict[tuple[int, int], list[float]] = {setting: [] for setting in settings}
+    timings: dict[tuple[int, int, bool], list[float]] = {setting: [] for setting in settings}
     time_pass = _pass_timer(span, dtype)
     for repeat in range(REPEATS + 1):
-        for rows, threads in settings:
-            seconds = time_pass(rows, threads)
+        for setting in settings:
+            seconds = time_pass(*setting)
             if repeat:  # the first round warms up caches and OpenMP's pool
-                timings[rows, threads].append(seconds)
+                timings[setting].append(seconds)
     fastest = {key: min(values) for key, values in timings.items()}
-    plan = forced or (_measured_plan(budget, fastest) if budget > 1 else ThreadPlan(1))
-    return Calibration(plan, {rows: fastest[rows, plan.threads_for(rows)] for rows in ROW_COUNTS})
+    columns_win = {(rows, threads): layouts == (True,) or (rows, threads, True) in fastest
+                   and fastest[rows, threads, True] * LAYOUT_GAIN < fastest[rows, threads, False]
+                   for rows, threads, _ in settings}
+    best = {key: fastest[(*key, wins)] for key, wins in columns_win.items()}
+    threads = forced or (_measured_plan(budget, best) if budget > 1 else ThreadPlan(1))
+    column_sizes = frozenset(rows for rows in ROW_COUNTS if columns_win[rows, threads.threads_for(rows)])
+    plan = ThreadPlan(threads.budget, threads.parallel_min_rows, column_sizes, ROW_COUNTS)
+    return Calibration(plan, {rows: best[rows, plan.threads_for(rows)] for rows in ROW_COUNTS})
 
 
 def _measured_plan(budget: int, seconds: dict[tuple[int, int], float]) -> ThreadPlan:
@@ -107,8 +125,11 @@ def _pass_timer(span: BlockSpan, dtype: torch.dtype) -> Callable[[int, int], flo
     device = next(span.parameters()).device
     synchronize = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
 
-    def time_pass(rows: int, threads: int) -> float:
+    switch = layout_switch(span)
+
+    def time_pass(rows: int, threads: int, columns: bool) -> float:
         use_threads(threads)
+        switch.columns = columns
         hidden = torch.randn(1, rows, span.config.hidden_size, dtype=dtype, device=device)
         position_ids = torch.arange(rows, device=device)[None]
         mask = torch.ones(1, rows, dtype=torch.bool, device=device)

@@ -15,6 +15,7 @@ from swarm.constants import (
     DEFAULT_ANNOUNCE_PERIOD,
     DEFAULT_BANDWIDTH_MBPS,
     DEFAULT_MAX_MESSAGE_BYTES,
+    LINEAR_LAYOUTS,
     QUANTIZATIONS,
 )
 from swarm.errors import SwarmError
@@ -104,6 +105,10 @@ _PEER_OPTIONS = [
                  "with the cores split between them."),
     click.option("--parallel-min-rows", type=click.IntRange(min=1), help="Passes of fewer token rows than this run on "
                  "one thread (default: measured on this machine at the first start, and cached)."),
+    click.option("--linear-layout", type=click.Choice(LINEAR_LAYOUTS), default="measured", show_default=True,
+                 help="How linear layers multiply in passes of up to 64 rows: rows (torch's x @ W^T), columns "
+                 "(W @ x^T, which some BLAS libraries compute much faster for few rows), or whichever was faster "
+                 "for each pass size at the first start (cached)."),
     click.option("--activation-cache-mb", default=DEFAULT_ACTIVATION_CACHE_MB, show_default=True,
                  type=click.IntRange(min=0), help="Memory for what autograd needs from clients' training Forwards "
                  "until their Backwards (least recently kept out first; 0: every Backward recomputes its Forward)."),
@@ -125,7 +130,7 @@ def peer_options(command):
 
 def run_peer(model_path: str, blocks, num_blocks: int | None, device: str, dtype: str, initial_peers, new_swarm: bool,
              host, port, dht_port, announce_host, announce_port, relay, relay_port, cache_tokens, announce_period, session_timeout,
-             max_message_mb, public_name, quantization, num_threads, parallel_min_rows, activation_cache_mb, balance_period, bandwidth_mbps, identity_path, adapters) -> None:
+             max_message_mb, public_name, quantization, num_threads, parallel_min_rows, linear_layout, activation_cache_mb, balance_period, bandwidth_mbps, identity_path, adapters) -> None:
     """Runs a peer until SIGINT/SIGTERM."""
     if not initial_peers and not new_swarm:
         raise click.UsageError("give --initial-peers MULTIADDR (a line `swarm-peer bootstrap` printed) to join a "
@@ -151,7 +156,7 @@ def run_peer(model_path: str, blocks, num_blocks: int | None, device: str, dtype
         max_message_bytes=max_message_mb * 2**20, public_name=public_name, balance_period=balance_period,
         bandwidth_mbps=bandwidth_mbps, identity_path=identity_path, adapters=tuple(adapters), quantization=quantization,
         num_threads=num_threads,
-        parallel_min_rows=parallel_min_rows, activation_cache_mb=activation_cache_mb,
+        parallel_min_rows=parallel_min_rows, linear_layout=linear_layout, activation_cache_mb=activation_cache_mb,
     )
     try:
         peer = Peer(config)

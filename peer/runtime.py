@@ -22,6 +22,7 @@ import torch
 
 from peer.batching import pass_key, run_pass
 from peer.kv_pages import PagedKV
+from peer.linear_layout import layout_switch
 from peer.sessions import StepWork
 from peer.threads import ThreadPlan, use_threads
 from swarm.blocks import BlockSpan
@@ -63,6 +64,7 @@ class ComputeRuntime:
     def __init__(self, span: BlockSpan, kv: PagedKV, plan: ThreadPlan | None = None,
                  on_pass: Callable[[int, float], None] | None = None, name: str = "swarm-compute"):
         self.span, self.kv = span, kv
+        self._layout = layout_switch(span)
         self.plan = plan or ThreadPlan(torch.get_num_threads())
         self._on_pass = on_pass
         self.largest_pass = 0  # most sessions seen in one batched pass, reported by Info
@@ -177,6 +179,7 @@ class ComputeRuntime:
                 self.largest_pass = max(self.largest_pass, len(batch))
                 rows = sum(work.session.batch_size for work, _ in batch) * key[-1]
                 use_threads(self.plan.threads_for(rows))
+                self._layout.columns = self.plan.columns_for(rows)
                 started = time.perf_counter()
                 try:
                     run_pass(self.span, self.kv, [work for work, _ in batch], key[-1])
@@ -209,6 +212,7 @@ class ComputeRuntime:
 
     def _run_jobs(self, jobs: list[_Job]) -> None:
         use_threads(self.plan.budget)
+        self._layout.columns = False  # training and checks: large passes, and autograd's own kernels
         try:
             results, error = jobs[0].function(self.span, [job.item for job in jobs]), None
         except Exception as exception:  # handed to the waiting handlers, which decide what the clients see

@@ -68,6 +68,7 @@ class PeerConfig:
     quantization: str = "none"  # how the blocks' linear weights are stored (swarm/quantization.py)
     num_threads: int | None = None  # CPU threads of a large pass (default: torch's, one per core)
     parallel_min_rows: int | None = None  # smaller passes run on one thread (default: measured)
+    linear_layout: str = "measured"  # "rows", "columns" or measured per pass size (peer/linear_layout.py)
     activation_cache_mb: int = DEFAULT_ACTIVATION_CACHE_MB  # autograd state kept from Forwards for their Backwards
 
 
@@ -250,7 +251,9 @@ class Peer:
         span = await loop.run_in_executor(
             None, BlockSpan.from_checkpoint, self.checkpoint, start, end, self.dtype, config.device, self.quantization
         )
-        measure = functools.partial(calibrate, span, self.dtype, self.threads, config.parallel_min_rows)
+        measure = functools.partial(
+            calibrate, span, self.dtype, self.threads, config.parallel_min_rows, config.linear_layout
+        )
         self.calibration = await loop.run_in_executor(None, self.calibrations.get_or_measure, self._calibration_key(), measure)
         return span
 
@@ -276,7 +279,8 @@ class Peer:
         rows = self.config.parallel_min_rows or "measured"
         return (f"{self.model_prefix} blocks={self.end - self.start} {self.config.device} {self.dtype} "
                 f"quantization={self.quantization} "
-                f"threads={self.threads} parallel_min_rows={rows} | {self.machine}")
+                f"threads={self.threads} parallel_min_rows={rows} linear_layout={self.config.linear_layout} "
+                f"| {self.machine}")
 
     def _record(self) -> ServerRecord:
         return ServerRecord(

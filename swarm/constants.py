@@ -22,3 +22,4 @@ DEFAULT_BANDWIDTH_MBPS = 100.0
 DEFAULT_ACTIVATION_CACHE_MB = 512  # what a peer keeps of training Forwards for their Backwards (peer/activation_cache.py)
 # How a peer may store its blocks' linear weights (swarm/quantization.py); "none" is exact.
 QUANTIZATIONS = ("none", "int8", "nf4")
+LINEAR_LAYOUTS = ("measured", "rows", "columns")  # how a peer's linear layers multiply (peer/linear_layout.py)

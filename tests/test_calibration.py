@@ -36,13 +36,17 @@ def test_a_calibration_times_every_size_and_survives_its_file(tiny_llama, tmp_pa
     measured = calibrate(span, torch.float32, budget=2)
     assert measured.plan.budget in (1, 2) and set(measured.pass_seconds) == set(ROW_COUNTS)
     assert min(measured.pass_seconds.values()) > 0 and measured.throughput > 0
-    forced = calibrate(span, torch.float32, budget=2, parallel_min_rows=1)
-    assert forced.plan == ThreadPlan(2, 1)
+    forced = calibrate(span, torch.float32, budget=2, parallel_min_rows=1, linear_layout="columns")
+    assert (forced.plan.budget, forced.plan.parallel_min_rows) == (2, 1)
+    assert forced.plan.column_sizes == set(ROW_COUNTS) and forced.plan.columns_for(3) and not forced.plan.columns_for(65)
+    assert not calibrate(span, torch.float32, budget=1, linear_layout="rows").plan.column_sizes
     cache = CalibrationCache(tmp_path / "calibration.json")
     cache.put("key", measured)
     assert CalibrationCache(tmp_path / "calibration.json").get("key") == measured
     entries = json.loads((tmp_path / "calibration.json").read_text())
-    for garbage in ("x", {"budget": 2}, {**entries["key"], "pass_seconds": {"1": -1.0}}):
+    old_record = {name: value for name, value in entries["key"].items() if name != "column_sizes"}  # measured again
+    for garbage in ("x", {"budget": 2}, {**entries["key"], "pass_seconds": {"1": -1.0}}, old_record,
+                    {**entries["key"], "column_sizes": [3]}):
         (tmp_path / "calibration.json").write_text(json.dumps({"key": garbage}))
         assert cache.get("key") is None
 
@@ -71,7 +75,7 @@ def test_the_served_speed_follows_the_peers_own_passes():
 def test_peers_of_one_machine_measure_one_at_a_time(tmp_path):
     """Two peers starting together: one measures, the other waits and takes its figures (no concurrent timing)."""
     running, overlaps, calls = [], [], []
-    calibration = Calibration(ThreadPlan(2, 8), {rows: 0.01 for rows in ROW_COUNTS})
+    calibration = Calibration(ThreadPlan(2, 8, measured_sizes=ROW_COUNTS), {rows: 0.01 for rows in ROW_COUNTS})
 
     def measure() -> Calibration:
         overlaps.append(bool(running))
@@ -99,20 +103,22 @@ def announced_throughput(compute: str) -> float:
 
 def test_peers_started_together_agree_and_any_plan_gives_the_same_answers(tiny_llama, bootstrap, reference, tmp_path, monkeypatch):
     """Identical peers started together on a fresh machine cache announce one figure; peers computing on a measured
-    plan and on every pass with two threads give local transformers' logits and tokens."""
+    plan, on every pass with two threads, and with every linear layer as W @ x^T give local transformers' logits
+    and tokens."""
     monkeypatch.setenv("SWARM_CACHE_DIR", str(tmp_path))
     measured = start_peers(tiny_llama, bootstrap, ["0:2", "2:4"], "--num-threads", "2")
     threaded = start_peers(tiny_llama, bootstrap, ["0:4"], "--num-threads", "2", "--parallel-min-rows", "1")
+    columns = start_peers(tiny_llama, bootstrap, ["0:4"], "--linear-layout", "columns")
     try:
         first, second = (announced_throughput(peer.compute) for peer in measured)
         assert abs(first - second) <= 0.2 * max(first, second)
-        assert "2 threads" in threaded[0].compute
+        assert "2 threads" in threaded[0].compute and "W @ x^T at 1/2/4/8/16/32/64 rows" in columns[0].compute
         inputs = byte_tokenizer()(["Threads change nothing", "ok"], return_tensors="pt", padding=True)
         with torch.no_grad():
             expected_logits = reference(**inputs).logits
         expected_tokens = reference.generate(**inputs, max_new_tokens=16, do_sample=False)
         mask = inputs["attention_mask"].bool()
-        for peers in (measured, threaded):
+        for peers in (measured, threaded, columns):
             model = AutoDistributedModelForCausalLM.from_pretrained(
                 tiny_llama, initial_peers=[bootstrap], allowed_peers=tuple(peer.peer_id for peer in peers)
             )
@@ -122,5 +128,5 @@ def test_peers_started_together_agree_and_any_plan_gives_the_same_answers(tiny_l
             finally:
                 model.close()
     finally:
-        for peer in measured + threaded:
+        for peer in measured + threaded + columns:
             peer.process.stop()
