@@ -45,13 +45,14 @@ def column_linear(inputs: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
 
 
 def layout_switch(span: nn.Module) -> LayoutSwitch:
-    """The span's switch; the first call makes every plain `nn.Linear` of the span follow it (quantized layers and
-    others are left as they are). Call after the span is loaded and quantized."""
+    """The span's switch; the first call makes every plain `nn.Linear` of the span follow it (quantized layers, whether
+    their own class or an `nn.Linear` holding a quantized tensor subclass, are left as they are). Call after the span
+    is loaded and quantized."""
     switch = getattr(span, "linear_layout", None)
     if switch is None:
         switch = LayoutSwitch()
         for module in span.modules():
-            if type(module) is nn.Linear:
+            if type(module) is nn.Linear and type(module.weight) is nn.Parameter:
                 module.__class__ = SwitchableLinear
                 module.layout = switch
                 switch.linears += 1

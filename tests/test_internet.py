@@ -210,9 +210,9 @@ def test_nothing_of_the_hidden_states_is_readable_on_the_wire(swarm, reference, 
     embeddings = reference.model.embed_tokens(torch.tensor([PROMPT])).detach()
     first_output = run_local_blocks(reference, embeddings).detach()
     wire = capture.read_bytes()
-    assert len(wire) > 20_000  # the session's traffic went through the forwarder
-    for known in (embeddings, first_output):
-        raw = tensors.encode(known).data
+    raws = [tensors.encode(known).data for known in (embeddings, first_output)]
+    assert len(wire) > sum(map(len, raws))  # the session's traffic (at least these tensors) went through the forwarder
+    for raw in raws:
         needles = [raw[offset : offset + 16] for offset in range(0, len(raw) - 16, 64)]
         assert all(needle in raw for needle in needles)  # what a plaintext wire would show
         assert not any(needle in wire for needle in needles)

@@ -24,13 +24,17 @@ def test_a_span_follows_its_switch_and_keeps_its_quantized_layers():
     class Quantized(nn.Linear):  # stands for bitsandbytes' layers, which subclass nn.Linear
         pass
 
-    span = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), Quantized(32, 16))
+    class QuantizedTensor(torch.Tensor):  # stands for torchao's weights (an nn.Linear holding Int8Tensor)
+        pass
+
+    span = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), Quantized(32, 16), nn.Linear(16, 16))
+    span[3].weight = nn.Parameter(span[3].weight.detach().as_subclass(QuantizedTensor))
     inputs = torch.randn(1, 3, 16)
     expected = span(inputs)
     switch = layout_switch(span)
     assert layout_switch(span) is switch and switch.linears == 1
-    assert type(span[0]) is SwitchableLinear and type(span[2]) is Quantized
-    assert list(span.state_dict()) == ["0.weight", "0.bias", "2.weight", "2.bias"]
+    assert type(span[0]) is SwitchableLinear and type(span[2]) is Quantized and type(span[3]) is nn.Linear
+    assert list(span.state_dict()) == ["0.weight", "0.bias", "2.weight", "2.bias", "3.weight", "3.bias"]
     switch.columns = True
     torch.testing.assert_close(span(inputs), expected, rtol=1e-5, atol=1e-5)
 
