@@ -24,6 +24,8 @@ from client.config import ClientConfig
 from client.inference_session import InferenceSession
 from client.remote_sequential import RemoteSequential
 from client.speculation import MAX_ASSISTANT_TOKENS, AdaptiveDraftLength, SpeculationReport, record_drafts
+from client.swarm_view import SwarmView
+from client.transport import PeerConnections
 from client.tuning import PromptTuning, RemoteLoRA
 from client.verification import VerificationReport, WrongAnswerCaught
 from swarm import huge_pages
@@ -366,23 +368,40 @@ class AutoDistributedModelForCausalLM:
         config = serving_config(checkpoint.config, family)
         dtype = dtype or checkpoint.checkpoint_dtype
         client_config = client_config or ClientConfig(initial_peers=list(initial_peers), **client_options)
-        model_class = type(f"Distributed{family.causal_lm_class.__name__}", (DistributedCausalLMMixin, family.causal_lm_class), {})
-        model = meta_model(family, config, num_layers=0, model_class=model_class)  # the blocks are remote
-        names = [name for name in checkpoint.weight_map if not name.startswith(f"{family.layers_prefix}.")]
-        load_parts(model, family, [(model, names)], checkpoint, dtype, "cpu")
-        head, embeddings = model.get_output_embeddings(), model.get_input_embeddings()
-        if head.weight.is_meta:  # tied embeddings: the checkpoint holds the matrix once
-            head.weight = embeddings.weight
-        missing = meta_tensors(model)
-        if missing:
-            raise SwarmError(f"checkpoint {checkpoint.path} lacks client-side tensors: {missing[:5]}")
-        model.config = config  # the real number of blocks, for generate and for users
-        remote = RemoteSequential(checkpoint.model_prefix(), config.num_hidden_layers, client_config)
+        # The DHT node joins the swarm (in its own process) and the view reads it while the model is built here.
+        view = SwarmView(
+            checkpoint.model_prefix(), config.num_hidden_layers, client_config,
+            PeerConnections(client_config.max_message_bytes), join_in_background=True,
+        )
+        try:
+            model = _client_side_model(family, config, checkpoint, dtype).to(dtype).requires_grad_(False)
+            huge_pages.move_parameters(model)  # (0.1-0.3 s for the benchmark model's 64 MB of embeddings and head)
+            view.wait_joined()
+        except BaseException:
+            view.connections.close()
+            view.shutdown()
+            raise
+        remote = RemoteSequential(checkpoint.model_prefix(), config.num_hidden_layers, client_config, view=view)
         model._attach_remote(family, remote)
         owner, _, name = family.layers_prefix.rpartition(".")  # where the blocks were: model.layers, transformer.h
         setattr(model.get_submodule(owner), name, remote)  # indexable and sliceable there, as in Petals
-        model = model.to(dtype).eval().requires_grad_(False)
-        huge_pages.move_parameters(model)
+        model = model.eval()
         model._attach_tuning(tuning_mode, num_prefix_tokens, lora_config)
         return model
+
+
+def _client_side_model(family: Family, config, checkpoint: Checkpoint, dtype: torch.dtype):
+    """The family's causal LM with every client-side tensor loaded (embeddings, final norm, head) and no blocks."""
+    model_class = type(f"Distributed{family.causal_lm_class.__name__}", (DistributedCausalLMMixin, family.causal_lm_class), {})
+    model = meta_model(family, config, num_layers=0, model_class=model_class)  # the blocks are remote
+    names = [name for name in checkpoint.weight_map if not name.startswith(f"{family.layers_prefix}.")]
+    load_parts(model, family, [(model, names)], checkpoint, dtype, "cpu")
+    head, embeddings = model.get_output_embeddings(), model.get_input_embeddings()
+    if head.weight.is_meta:  # tied embeddings: the checkpoint holds the matrix once
+        head.weight = embeddings.weight
+    missing = meta_tensors(model)
+    if missing:
+        raise SwarmError(f"checkpoint {checkpoint.path} lacks client-side tensors: {missing[:5]}")
+    model.config = config  # the real number of blocks, for generate and for users
+    return model
 

@@ -1,10 +1,12 @@
 """The client's view of the swarm: which peers serve which blocks, read from the DHT, and chains through them."""
 
+import contextlib
 import logging
 import math
 import random
 import threading
 import time
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 
 import grpc
@@ -13,7 +15,7 @@ import hivemind
 from client.config import ClientConfig
 from client.transport import PeerConnections
 from swarm.constants import PROTOCOL_VERSION, SPAN_MOVED_STATUS
-from swarm.dht_node import InitialPeersError, swarm_dht
+from swarm.dht_node import InitialPeersError, swarm_dht, wait_joined
 from swarm.dht_records import PeerSpan, fetch_peer_spans
 from swarm.errors import MissingBlocksError, RemoteError
 from swarm.routing import Hop, chain_leaving_another, lowest_cost_chain, spread_chain, with_cache_room
@@ -54,14 +56,26 @@ class SwarmView:
         config: ClientConfig,
         connections: PeerConnections,
         dht: hivemind.DHT | None = None,
+        join_in_background: bool = False,
     ):
+        """With `join_in_background`, the view's DHT node joins the swarm while the caller goes on (building its
+        model): `wait_joined` then says whether it could. Else it has joined when this returns."""
         self.model_prefix, self.num_blocks, self.config = model_prefix, num_blocks, config
         self.connections = connections
         if dht is None and not config.initial_peers:  # else a lone DHT node that finds no peer, and a wrong hint
             raise InitialPeersError("initial_peers is empty: give the multiaddr of a DHT node of the swarm, e.g. "
                                     "initial_peers=['/ip4/203.0.113.7/tcp/31337/p2p/12D3KooW...'] (what "
                                     "`swarm-peer bootstrap` printed)")
-        self.dht = dht or swarm_dht(initial_peers=config.initial_peers, client_mode=True, start=True)[0]
+        self._joined = threading.Event()
+        self._join_error: BaseException | None = None
+        if dht is None:
+            dht = swarm_dht(initial_peers=config.initial_peers, client_mode=True, start=True,
+                            await_joined=not join_in_background)[0]
+        else:
+            join_in_background = False
+        self.dht = dht
+        if not join_in_background:
+            self._joined.set()
         self._rtts: dict[str, tuple[float, float]] = {}  # peer id -> (round trip seconds, measured at)
         # peer id -> seconds of compute per block of a decode step, as this client measured them
         self._block_seconds: dict[str, float] = {}
@@ -74,6 +88,7 @@ class SwarmView:
         self._convictions: dict[str, tuple[float, int]] = {}
         self._checks_passed: dict[str, int] = {}  # peer id -> checks of its answers it passed with this client
         self._stopping = threading.Event()
+        self._background_calls = threading.Lock()  # held while the refresh thread's pings are in flight
         threading.Thread(target=self._refresh_forever, name="swarm-view", daemon=True).start()
 
     def ban(self, peer_id: str, reason: RemoteError) -> None:
@@ -123,11 +138,26 @@ class SwarmView:
     def _started_at(self, peer_id: str) -> float:
         return next((span.record.started_at for span in self._spans or [] if span.peer_id == peer_id), 0.0)
 
+    def wait_joined(self) -> None:
+        """Returns once the view's DHT node has joined the swarm; raises why it could not (its node is then shut)."""
+        self._joined.wait()
+        if self._join_error is not None:
+            raise self._join_error
+
+    def _join(self) -> None:
+        if not self._joined.is_set():
+            try:
+                wait_joined(self.dht)
+            except BaseException as error:  # for wait_joined's caller; the refresh thread ends
+                self._join_error = error
+            self._joined.set()
+
     def peer_spans(self, refresh: bool = False) -> list[PeerSpan]:
         """Online peers of this model that speak our protocol and pass the allowed/blocked filters; kept fresh by a
         background thread, read from the DHT here only the first time or when asked to."""
         if not refresh and self._spans is not None:  # never waits for a background refresh under way
             return self._spans
+        self.wait_joined()
         with self._dht_lock:  # a caller finding the first read under way waits for it rather than read again
             if refresh or self._spans is None:
                 spans = fetch_peer_spans(self.dht, self.model_prefix, self.num_blocks)
@@ -137,7 +167,11 @@ class SwarmView:
     def _refresh_forever(self) -> None:
         """Reads the swarm and measures the round trips to its peers at once (while the client builds its model, so
         that the first chain finds them ready), then re-reads it and re-measures round trips that are getting old
-        every refresh period, so that choosing a chain never waits for the DHT or for pings."""
+        every refresh period, so that choosing a chain never waits for the DHT or for pings. A node joining in the
+        background joins here first."""
+        self._join()
+        if self._join_error is not None:
+            return
         refresh = False
         with ThreadPoolExecutor(max_workers=PING_WORKERS, thread_name_prefix="swarm-ping") as pings:
             while not self._stopping.is_set():
@@ -145,7 +179,8 @@ class SwarmView:
                     spans, checked_at = self.peer_spans(refresh=refresh), time.monotonic()
                     stale = [span for span in spans
                              if checked_at - self._rtts.get(span.peer_id, (0.0, -math.inf))[1] > RTT_TTL / 2]
-                    list(pings.map(lambda span: self._measure_round_trip(span, since=checked_at), stale))
+                    with self._background_calls:
+                        list(pings.map(lambda span: self._measure_round_trip(span, since=checked_at), stale))
                 except Exception as error:  # the DHT may be unreachable for a while; the next period tries again
                     logger.debug(f"refreshing the view of the swarm failed: {error!r}")
                 refresh = True
@@ -255,6 +290,14 @@ class SwarmView:
         if self._rtts.get(span.peer_id, (0.0, -math.inf))[1] < since:
             self._rtts[span.peer_id] = (rtt, time.monotonic())
         return rtt
+
+    @contextlib.contextmanager
+    def no_background_calls(self) -> Iterator[None]:
+        """Inside, none of the refresh thread's pings is in flight. Fork a process (a DHT node) only there: a fork
+        while a gRPC call is in flight skips gRPC's fork handlers, and the child's libp2p daemon then failed to
+        start ("Daemon failed to start: None", a collaborative optimizer beside a model that had just started)."""
+        with self._background_calls:
+            yield
 
     def _unbanned(self, spans: list[PeerSpan], exclude: frozenset[str] = frozenset()) -> list[PeerSpan]:
         return [span for span in spans if not self.is_banned(span.peer_id) and span.peer_id not in exclude]

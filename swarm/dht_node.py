@@ -64,22 +64,30 @@ def check_initial_peers(addresses: list[str]) -> list[str]:
     return list(addresses)
 
 
-def swarm_dht(private_key: RSAPrivateKey | None = None, *, start: bool = False,
+def swarm_dht(private_key: RSAPrivateKey | None = None, *, start: bool = False, await_joined: bool = True,
               **kwargs) -> tuple[hivemind.DHT, RSASignatureValidator]:
     """A DHT node that enforces the swarm's record rules (every node of the swarm must), and its signer (with
-    `private_key`, or a fresh key: a new identity). With `start`, it has joined the swarm when this returns."""
+    `private_key`, or a fresh key: a new identity). With `start`, its process starts, and it has joined the swarm
+    when this returns unless `await_joined` is false (then `wait_joined` tells, while the caller does other work)."""
     initial_peers = check_initial_peers(list(kwargs.pop("initial_peers", None) or []))
     validator = RSASignatureValidator(private_key or RSAPrivateKey())
     dht = SwarmDHT(record_validators=[validator, BytesSubkeyValidator()], initial_peers=initial_peers, start=False, **kwargs)
     if start:
-        try:
-            dht.run_in_background(await_ready=True, timeout=DHT_START_TIMEOUT)
-        except P2PDaemonError as error:
-            dht.shutdown()
-            if "bootstrap peers" in str(error):
-                raise InitialPeersError(
-                    f"none of the initial peers answered ({', '.join(initial_peers)}): is the bootstrap node "
-                    "running, and is that address reachable from here? Check --initial-peers"
-                ) from None
-            raise
+        dht.run_in_background(await_ready=False)
+        if await_joined:
+            wait_joined(dht)
     return dht, validator
+
+
+def wait_joined(dht: hivemind.DHT) -> None:
+    """Waits until a started node has joined the swarm; if it could not, shuts it down and says why."""
+    try:
+        dht.wait_until_ready(timeout=DHT_START_TIMEOUT)
+    except P2PDaemonError as error:
+        dht.shutdown()
+        if "bootstrap peers" in str(error):
+            raise InitialPeersError(
+                f"none of the initial peers answered ({', '.join(dht.initial_peers)}): is the bootstrap node "
+                "running, and is that address reachable from here? Check --initial-peers"
+            ) from None
+        raise

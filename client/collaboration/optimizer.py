@@ -26,7 +26,7 @@ from tqdm import tqdm
 
 from client.collaboration.checks import CheckedGradientAverager, CheckedStateAverager
 from client.remote_sequential import RemoteSequential
-from swarm.dht_node import swarm_dht
+from swarm.dht_node import swarm_dht, wait_joined
 from swarm.errors import SwarmError
 from swarm.net.addresses import swarm_is_local, tcp_maddr
 from swarm.training_runs import (
@@ -152,10 +152,13 @@ class CollaborativeOptimizer:
         self.batch_size_per_step = batch_size_per_step
         host = host or ("127.0.0.1" if swarm_is_local(initial_peers) or not initial_peers else "0.0.0.0")
         key = RSAPrivateKey()
-        self.dht, _ = swarm_dht(
-            key, initial_peers=initial_peers, start=True, host_maddrs=[tcp_maddr(host, 0)],
-            announce_maddrs=[tcp_maddr(announce_host, 0)] if announce_host else None,
-        )
+        remote = self._remote_of(params)
+        with remote.view.no_background_calls() if remote is not None else contextlib.nullcontext():
+            self.dht, _ = swarm_dht(
+                key, initial_peers=initial_peers, start=True, await_joined=False, host_maddrs=[tcp_maddr(host, 0)],
+                announce_maddrs=[tcp_maddr(announce_host, 0)] if announce_host else None,
+            )
+        wait_joined(self.dht)
         try:
             self._check_run_matches()
             self._optimizer = _CheckedHivemindOptimizer(
