@@ -12,6 +12,7 @@ token decodes.
 
 import argparse
 import asyncio
+import os
 import signal
 import statistics
 import sys
@@ -26,6 +27,7 @@ from bench.common import add_model_arguments, even_spans, model_config, timed
 from peer.local_swarm import spawn_cli, start_bootstrap, start_peers
 from swarm.checkpoint_maker import save_random_checkpoint
 
+CORES = os.cpu_count() or 1
 EOS = 2  # the byte tokenizer's </s>
 TOPICS = ["rivers", "bread", "stars", "chess", "rain", "bees", "trains", "salt", "maps", "glass", "owls", "tea",
           "bridges", "clocks", "moss", "kites"]
@@ -95,7 +97,11 @@ def main() -> None:
         node, bootstrap = start_bootstrap()
         peers, server = [], None
         try:
-            peers = start_peers(folder, bootstrap, even_spans(args.layers, args.peers))
+            # Peers may use every core and measure how they compute (in a cache of this run's own), as in `bench`.
+            os.environ["SWARM_CACHE_DIR"] = os.path.join(folder, "cache")
+            peers = start_peers(folder, bootstrap, even_spans(args.layers, args.peers), "--num-threads", str(CORES))
+            for peer in peers:
+                print(f"peer from block {peer.start_block}: {peer.compute}", flush=True)
             server = spawn_cli("api", folder, "--initial-peers", bootstrap, "--port", "0", "--model-name", "bench")
             url = server.wait_for_line(r"serving \S+ at (http://\S+/v1)").group(1)
             asyncio.run(burst(url, messages[:2], 4))  # warm-up: routes measured, connections open
